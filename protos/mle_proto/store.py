@@ -96,6 +96,13 @@ class ArtifactStore:
                 pending.write(chunk)
             return pending.commit()
 
+    def put_fileobj(self, src: BinaryIO) -> tuple[str, int]:
+        """Copy an open binary file into the store from its current position; return (digest, size)."""
+        with self.writer() as pending:
+            while chunk := src.read(CHUNK):
+                pending.write(chunk)
+            return pending.commit()
+
     def materialize(self, digest: str, dest: Path) -> None:
         """Copy an artifact to dest, never linking, so a step cannot alter the store."""
         dest.parent.mkdir(parents=True, exist_ok=True)

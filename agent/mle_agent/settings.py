@@ -1,0 +1,224 @@
+"""The agent's one frozen settings object and how it is built.
+
+Precedence, lowest first: defaults < TOML file (`--config`, else `MLE_AGENT_CONFIG`, else
+`/etc/mle/agent.toml`, which may be absent) < `MLE_AGENT_<FIELD>` environment < command-line flags.
+TOML keys and environment suffixes are the field names (`data_dir`, `MLE_AGENT_DATA_DIR`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mle_proto.errors import UsageError
+
+__all__ = ["DEFAULT_CONFIG", "ENV_PREFIX", "AgentSettings", "build_settings", "split_listen"]
+
+DEFAULT_CONFIG = Path("/etc/mle/agent.toml")
+ENV_PREFIX = "MLE_AGENT_"
+MiB = 1024 * 1024
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/mle-agent")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "mle-agent"
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything the agent is configured with; built once, passed down."""
+
+    name: str = field(default_factory=socket.gethostname)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    listen: str = "127.0.0.1:7443"
+    data_dir: Path = field(default_factory=_default_data_dir)
+    artifacts_dir: Path | None = None  # None = <data_dir>/artifacts
+    slots: int = field(default_factory=_cpu_count)
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    insecure: bool = False
+    state_file: Path | None = None
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    kill_grace: float = 2.0  # SIGTERM to SIGKILL
+    output_grace: float = 2.0  # how long to read pipes after the task's main process exited
+    shutdown_grace: float = 1.0  # in-flight RPCs at server stop
+    max_message_bytes: int = 4 * MiB
+    max_log_line: int = 64 * 1024
+
+    @property
+    def artifacts_root(self) -> Path:
+        """The content-addressed store's root."""
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def work_root(self) -> Path:
+        """Where per-task work dirs live."""
+        return self.data_dir / "work"
+
+    @property
+    def outbox_path(self) -> Path:
+        """The agent-local SQLite outbox."""
+        return self.data_dir / "agent.db"
+
+    @property
+    def tls(self) -> bool:
+        """Whether mutual TLS is configured."""
+        return self.tls_cert is not None
+
+    def is_loopback(self) -> bool:
+        """Whether the listen address only accepts local connections."""
+        host, _ = split_listen(self.listen)
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False  # any other name may resolve to a public address
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (or `[v6]:PORT`) into host and port; raise UsageError when malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"invalid listen address {listen!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
+def build_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str], config: Path | None = None
+) -> AgentSettings:
+    """Merge defaults, the config file, the environment and flags (None = not given)."""
+    explicit = config is not None or f"{ENV_PREFIX}CONFIG" in env
+    path = config or Path(env.get(f"{ENV_PREFIX}CONFIG", DEFAULT_CONFIG))
+    merged: dict[str, Any] = {}
+    merged.update(_from_toml(path, required=explicit))
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in flags.items() if v is not None and k in _FIELDS})
+    settings = AgentSettings(**{k: _coerce(k, v) for k, v in merged.items()})
+    _validate(settings)
+    return settings
+
+
+_FIELDS: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(AgentSettings)}
+_PATHS = {"data_dir", "artifacts_dir", "token_file", "tls_cert", "tls_key", "tls_ca", "state_file"}
+_FLOATS = {"drain_timeout", "kill_grace", "output_grace", "shutdown_grace"}
+_INTS = {"slots", "max_message_bytes", "max_log_line"}
+
+
+def _from_toml(path: Path, *, required: bool) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise UsageError(f"config file {path} does not exist") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown key {unknown[0]!r}")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    return {k: env[f"{ENV_PREFIX}{k.upper()}"] for k in _FIELDS if f"{ENV_PREFIX}{k.upper()}" in env}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a TOML, environment or flag value into the field's type."""
+    try:
+        if key in _PATHS:
+            return Path(os.path.expanduser(str(value))) if str(value) else None
+        if key in _FLOATS:
+            return _number(float, value)
+        if key in _INTS:
+            return _number(int, value)
+        if key == "insecure":
+            return _boolean(value)
+        if key == "labels":
+            return _parse_labels(value) if isinstance(value, str) else _label_table(value)
+        if key == "log_level":
+            return str(value).lower()
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"invalid {key}: {exc}") from None
+
+
+def _number(kind: type[int] | type[float], value: Any) -> int | float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    number = kind(value)
+    if number != number or number < 0:  # NaN or negative
+        raise ValueError(f"expected a non-negative number, got {value!r}")
+    return number
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    """Parse `k=v,k=v` into a dict; raise ValueError on a malformed pair."""
+    labels: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"label {pair!r} is not key=value")
+        labels.update(_label_table({key.strip(): value.strip()}))
+    return labels
+
+
+def _label_table(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError("labels must be a table of strings or 'k=v,k=v'")
+    for key in value:
+        if not _LABEL_KEY.fullmatch(str(key)):
+            raise ValueError(f"label key {str(key)[:80]!r} is not valid")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _validate(settings: AgentSettings) -> None:
+    split_listen(settings.listen)
+    if not settings.name:
+        raise UsageError("invalid name: must not be empty")
+    if settings.slots < 1:
+        raise UsageError("invalid slots: must be at least 1")
+    if settings.log_level not in _LOG_LEVELS:
+        raise UsageError(f"invalid log_level {settings.log_level!r}: one of {', '.join(_LOG_LEVELS)}")
+    tls = (settings.tls_cert, settings.tls_key, settings.tls_ca)
+    if any(tls) and not all(tls):
+        raise UsageError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    if settings.max_message_bytes < 64 * 1024 or settings.max_log_line < 1:
+        raise UsageError("invalid message or log line size limit")

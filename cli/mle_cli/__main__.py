@@ -1,0 +1,5 @@
+"""`python -m mle_cli` runs the `mle` command."""
+
+from mle_cli.app import main
+
+main()

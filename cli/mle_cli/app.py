@@ -1,0 +1,91 @@
+"""The `mle` command line: the typer app and the one place errors are shown.
+
+Commands live in `mle_cli.commands`; each parses its options, calls one library function and
+renders the result. Heavy modules (grpc, sqlite_utils, zeroconf, paramiko, onnxruntime) are imported
+inside command bodies only, so `mle --help` stays fast (a test checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mle_cli.commands import agent, history, run
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="mle",
+    help="Run ML pipelines from a laptop on agents at the edge and in the cloud.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    project: Annotated[
+        Path | None,
+        typer.Option(
+            "--project",
+            "-C",
+            help="Project directory (holds .mle/). Default: the nearest one above the cwd.",
+            envvar="MLE_PROJECT_DIR",
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False,
+) -> None:
+    """Run ML pipelines from a laptop on agents at the edge and in the cloud."""
+    ctx.obj = project
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+run.register(app)
+history.register(app)
+app.add_typer(agent.app, name="agent")
+
+
+def debug_log_path() -> Path:
+    """Where tracebacks of unexpected errors are written."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mle" / "debug.log"
+
+
+def main() -> None:
+    """Entry point: run the app, turning every error into one line and an exit code."""
+    from mle_proto.errors import MleError
+
+    try:
+        app()
+    except MleError as e:
+        from mle_cli.render import print_error
+
+        print_error(str(e), e.hint)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception:
+        path = _write_debug_log()
+        sys.stderr.write(f"internal error: an unexpected problem occurred; details in {path}\n")
+        sys.exit(70)
+
+
+def _write_debug_log() -> Path:
+    path = debug_log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f"--- mle {' '.join(sys.argv[1:])}\n{traceback.format_exc()}\n")
+    return path

@@ -1,0 +1,1 @@
+"""The typer commands; thin wrappers over the library."""

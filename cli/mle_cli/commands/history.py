@@ -1,0 +1,129 @@
+"""`mle runs`, `mle show`, `mle logs`, `mle cancel`: what the ledger knows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from mle_cli.commands._common import settings_from
+
+if TYPE_CHECKING:
+    from mle_cli.ledger import Ledger
+
+__all__ = ["register"]
+
+RunArg = Annotated[
+    str | None, typer.Argument(help="Run id or a unique prefix; default: the latest run.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+@contextmanager
+def _ledger(ctx: typer.Context) -> Iterator[Ledger]:
+    from mle_cli.ledger import Ledger
+
+    ledger = Ledger(settings_from(ctx).ledger_path)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def runs(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 20,
+    json_out: JsonOpt = False,
+) -> None:
+    """List recent runs, newest first.
+
+    Example: mle runs -n 5
+    """
+    from mle_cli import render
+    from mle_cli.history import run_list
+
+    with _ledger(ctx) as ledger:
+        rows = run_list(ledger, limit)
+    if json_out:
+        render.print_json(rows)
+        return
+    shown = [
+        {
+            **r,
+            "started": render.ago(r["started"] or r["created"]),
+            "time": render.duration(r["duration"]),
+            "steps": f"{r['succeeded'] or 0}/{r['steps']}",
+        }
+        for r in rows
+    ]
+    render.print_table(shown, ["id", "recipe", "status", "started", "time", "steps"])
+
+
+def show(ctx: typer.Context, run: RunArg = None, json_out: JsonOpt = False) -> None:
+    """Show a run: steps, attempts, failures with their last lines, and where outputs are stored.
+
+    Example: mle show 20261122-1530
+    """
+    from mle_cli import render
+    from mle_cli.history import run_detail
+
+    with _ledger(ctx) as ledger:
+        detail = run_detail(ledger, settings_from(ctx), run)
+    (render.print_json if json_out else render.print_run)(detail)
+
+
+def logs(
+    ctx: typer.Context,
+    run: RunArg = None,
+    step: Annotated[str | None, typer.Argument(help="Only this step.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the log lines of a run, or of one step.
+
+    Example: mle logs 20261122-1530 train -f
+    """
+    from mle_cli.history import follow_logs
+    from mle_proto.errors import NotFound
+
+    with _ledger(ctx) as ledger:
+        run_id = ledger.resolve_run(run)
+        if step is not None and step not in {s["step_id"] for s in ledger.steps(run_id)}:
+            raise NotFound(f"run {run_id} has no step {step!r}")
+        for row in follow_logs(ledger, run_id, step, follow):
+            _print_log(row, json_out, prefix=step is None)
+
+
+def _print_log(row: dict[str, object], json_out: bool, prefix: bool) -> None:
+    import json
+    import sys
+
+    if json_out:
+        keys = ("task_id", "step_id", "seq", "time", "stream", "text")
+        sys.stdout.write(json.dumps({k: row[k] for k in keys}) + "\n")
+    else:
+        sys.stdout.write((f"{row['step_id']} | " if prefix else "") + f"{row['text']}\n")
+    sys.stdout.flush()
+
+
+def cancel(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run id or prefix.")]) -> None:
+    """Cancel a run: its running tasks are killed, its pending steps never start.
+
+    Example: mle cancel 20261122-1530
+    """
+    from mle_cli.render import stdout_console
+    from mle_cli.runs import cancel_run
+
+    result = cancel_run(settings_from(ctx), run)
+    verb = "cancelled" if result["changed"] else f"already {result['status']}"
+    stdout_console().print(f"run {result['run']} {verb}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to the app."""
+    for command in (runs, show, logs, cancel):
+        app.command()(command)
+
+

@@ -1,0 +1,87 @@
+"""What the ledger says about past runs, shaped for `mle runs`, `mle show` and `mle logs`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mle_cli.ledger import Ledger
+from mle_cli.settings import Settings
+from mle_cli.states import FINAL, Status
+from mle_proto.store import ArtifactStore
+
+__all__ = ["follow_logs", "run_detail", "run_list"]
+
+_FAILED = {Status.FAILED, Status.TIMED_OUT, Status.LOST}
+_TAIL = 10
+
+
+def run_list(ledger: Ledger, limit: int) -> list[dict[str, Any]]:
+    """The latest runs with their durations."""
+    rows = ledger.runs(limit)
+    for row in rows:
+        row["duration"] = _elapsed(row)
+    return rows
+
+
+def run_detail(ledger: Ledger, settings: Settings, run_ref: str | None) -> dict[str, Any]:
+    """A run with its steps, attempts, outputs (and where they are stored) and failures."""
+    run_id = ledger.resolve_run(run_ref)
+    run = ledger.run(run_id)
+    run["duration"] = _elapsed(run)
+    steps = ledger.steps(run_id)
+    attempts = ledger.attempts(run_id)
+    store = ArtifactStore(settings.artifacts_dir)
+    outputs = ledger.artifacts(run_id)
+    for output in outputs:
+        stored = store.path_of(output["digest"])
+        output["stored"] = _relative(stored, settings)
+        output["present"] = stored.exists()
+    for step in steps:
+        step["duration"] = _elapsed(step)
+        step["attempt_history"] = [a for a in attempts if a["step_id"] == step["step_id"]]
+        if step["status"] in _FAILED:
+            step["last_lines"] = [r["text"] for r in _last_attempt_logs(ledger, run_id, step)]
+    run["steps"] = steps
+    run["outputs"] = outputs
+    return run
+
+
+def follow_logs(
+    ledger: Ledger, run_id: str, step_id: str | None, follow: bool, poll: float = 0.3
+) -> Iterator[dict[str, Any]]:
+    """Log lines of a run in order; with follow, keep going until the run is final."""
+    cursor = 0
+    while True:
+        for row in ledger.logs(run_id, step_id, after=cursor):
+            cursor = row["cursor"]
+            yield row
+        if not follow or ledger.run(run_id)["status"] in {*FINAL, Status.DETACHED}:
+            if follow:  # one last read: lines committed just before the final status
+                for row in ledger.logs(run_id, step_id, after=cursor):
+                    yield row
+            return
+        time.sleep(poll)
+
+
+def _last_attempt_logs(ledger: Ledger, run_id: str, step: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = ledger.logs(run_id, step["step_id"])
+    if not rows:
+        return []
+    last_task = rows[-1]["task_id"]
+    return [r for r in rows if r["task_id"] == last_task][-_TAIL:]
+
+
+def _elapsed(row: dict[str, Any]) -> float | None:
+    if not row.get("started"):
+        return None
+    end = row.get("finished") or time.time()
+    return float(end - row["started"])
+
+
+def _relative(path: Any, settings: Settings) -> str:
+    try:
+        return str(path.relative_to(settings.project_dir))
+    except ValueError:
+        return str(path)

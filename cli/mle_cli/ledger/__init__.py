@@ -1,0 +1,8 @@
+"""The operator's SQLite ledger: the source of truth for runs, steps, attempts, events, artifacts."""
+
+from __future__ import annotations
+
+from mle_cli.ledger._ledger import ArtifactRecord, EventRecord, Ledger, LedgerError
+from mle_cli.ledger._writer import LedgerWriter
+
+__all__ = ["ArtifactRecord", "EventRecord", "Ledger", "LedgerError", "LedgerWriter"]

@@ -1,0 +1,307 @@
+"""The ledger: a SQLite file (WAL) that records every run, step, attempt, event and artifact."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from mle_cli.ledger._schema import migrate
+from mle_cli.states import FINAL, Status
+from mle_proto.errors import MleError, NotFound
+
+__all__ = ["ArtifactRecord", "EventRecord", "Ledger", "LedgerError"]
+
+Row = dict[str, Any]
+
+
+class LedgerError(MleError):
+    """The ledger file cannot be opened or written."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One task event as stored in the ledger."""
+
+    task_id: str
+    seq: int
+    run_id: str
+    step_id: str
+    time: float
+    kind: str  # state | log | result
+    stream: str | None = None
+    state: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A declared output of a step, stored by digest."""
+
+    run_id: str
+    step_id: str
+    path: str
+    digest: str
+    size: int
+
+
+class Ledger:
+    """Reads and writes the ledger. One instance per thread (sqlite3 connections are not shared)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            migrate(conn)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open the ledger {path}: {e}") from None
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    def transaction(self) -> AbstractContextManager[sqlite_utils.Database]:
+        """A context manager that commits everything inside it at once (nests as savepoints)."""
+        return self.db.atomic()
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        run_id: str,
+        *,
+        recipe: str,
+        source: str,
+        recipe_digest: str,
+        params: Mapping[str, Any],
+        steps: Sequence[tuple[str, str, Sequence[str]]],
+    ) -> None:
+        """Record a new run and its steps (id, target, needs), all pending."""
+        now = time.time()
+        self.db["runs"].insert(
+            {
+                "id": run_id,
+                "recipe": recipe,
+                "source": source,
+                "recipe_digest": recipe_digest,
+                "params": json.dumps(params, sort_keys=True),
+                "status": Status.PENDING,
+                "created": now,
+            }
+        )
+        self.db["steps"].insert_all(
+            {
+                "run_id": run_id,
+                "step_id": step_id,
+                "position": i,
+                "status": Status.PENDING,
+                "target": target,
+                "needs": json.dumps(list(needs)),
+            }
+            for i, (step_id, target, needs) in enumerate(steps)
+        )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Set fields of a run (status, started, finished, message...)."""
+        self.db["runs"].update(run_id, fields)
+
+    def update_step(self, run_id: str, step_id: str, **fields: Any) -> None:
+        """Set fields of a step."""
+        self.db["steps"].update((run_id, step_id), fields)
+
+    def start_attempt(
+        self, task_id: str, run_id: str, step_id: str, attempt: int, agent: str, address: str
+    ) -> None:
+        """Record that an attempt is being dispatched to an agent."""
+        now = time.time()
+        self.db["attempts"].upsert(
+            {
+                "task_id": task_id,
+                "run_id": run_id,
+                "step_id": step_id,
+                "attempt": attempt,
+                "agent": agent,
+                "address": address,
+                "status": Status.RUNNING,
+                "started": now,
+            },
+            pk="task_id",
+        )
+        self.conn.execute(
+            "UPDATE steps SET status = ?, attempts = ?, started = coalesce(started, ?) "
+            "WHERE run_id = ? AND step_id = ?",
+            (Status.RUNNING, attempt, now, run_id, step_id),
+        )
+
+    def update_attempt(self, task_id: str, **fields: Any) -> None:
+        """Set fields of an attempt."""
+        self.db["attempts"].update(task_id, fields)
+
+    def record_events(self, events: Iterable[EventRecord]) -> None:
+        """Insert events; a (task_id, seq) already recorded is ignored (idempotent replay)."""
+        rows = [
+            (e.task_id, e.seq, e.run_id, e.step_id, e.time, e.kind, e.stream, e.state, e.text)
+            for e in events
+        ]
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO events "
+            "(task_id, seq, run_id, step_id, time, kind, stream, state, text) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.conn.executemany(
+            "UPDATE attempts SET last_seq = max(last_seq, ?) WHERE task_id = ?",
+            [(r[1], r[0]) for r in rows],
+        )
+
+    def record_artifacts(self, artifacts: Iterable[ArtifactRecord]) -> None:
+        """Record the declared outputs of a step."""
+        now = time.time()
+        self.db["artifacts"].upsert_all(
+            (
+                {
+                    "run_id": a.run_id,
+                    "step_id": a.step_id,
+                    "path": a.path,
+                    "digest": a.digest,
+                    "size": a.size,
+                    "created": now,
+                }
+                for a in artifacts
+            ),
+            pk=("run_id", "step_id", "path"),
+        )
+
+    def request_cancel(self, run_id: str) -> None:
+        """Ask the scheduler driving this run to cancel it."""
+        self.conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
+
+    def finish_abandoned_run(self, run_id: str, status: Status, message: str) -> None:
+        """Close a run nobody drives any more: it and its unfinished steps and attempts."""
+        now = time.time()
+        final = tuple(FINAL)
+        marks = ",".join("?" * len(final))
+        with self.transaction():
+            self.conn.execute(
+                f"UPDATE attempts SET status = ?, finished = ?, message = ? "  # noqa: S608
+                f"WHERE run_id = ? AND status NOT IN ({marks})",
+                (status, now, message, run_id, *final),
+            )
+            self.conn.execute(
+                f"UPDATE steps SET status = ?, finished = ?, message = ? "  # noqa: S608
+                f"WHERE run_id = ? AND status NOT IN ({marks})",
+                (status, now, message, run_id, *final),
+            )
+            self.update_run(run_id, status=status, finished=now, message=message)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def resolve_run(self, ref: str | None) -> str:
+        """A run id from a full id, a unique prefix, or None for the latest run."""
+        if ref is None:
+            row = self.conn.execute("SELECT id FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+            if row is None:
+                raise NotFound("no runs yet; start one with `mle run RECIPE`")
+            return str(row[0])
+        ids = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 3",
+                (ref, ref.replace("%", "\\%").replace("_", "\\_") + "%"),
+            )
+        ]
+        if ref in ids:
+            return ref
+        if len(ids) == 1:
+            return str(ids[0])
+        if not ids:
+            raise NotFound(f"no run {ref!r}; `mle runs` lists them")
+        raise NotFound(f"run prefix {ref!r} is ambiguous ({', '.join(ids[:2])}, ...)")
+
+    def runs(self, limit: int = 20) -> list[Row]:
+        """The latest runs, newest first, with their step counts."""
+        return list(
+            self.db.query(
+                "SELECT r.id, r.recipe, r.status, r.created, r.started, r.finished, r.message, "
+                "count(s.step_id) AS steps, "
+                "sum(s.status = 'succeeded') AS succeeded, sum(s.status = 'failed') AS failed "
+                "FROM runs r LEFT JOIN steps s ON s.run_id = r.id "
+                "GROUP BY r.id ORDER BY r.created DESC LIMIT ?",
+                [limit],
+            )
+        )
+
+    def run(self, run_id: str) -> Row:
+        """One run with its params decoded."""
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        if not rows:
+            raise NotFound(f"no run {run_id!r}")
+        row = rows[0]
+        row["params"] = json.loads(row["params"])
+        row["cancel_requested"] = bool(row["cancel_requested"])
+        return row
+
+    def steps(self, run_id: str) -> list[Row]:
+        """The steps of a run in plan order."""
+        rows = list(
+            self.db.query("SELECT * FROM steps WHERE run_id = ? ORDER BY position", [run_id])
+        )
+        for row in rows:
+            row["needs"] = json.loads(row["needs"])
+        return rows
+
+    def attempts(self, run_id: str) -> list[Row]:
+        """Every attempt of a run, by step then attempt number."""
+        return list(
+            self.db.query(
+                "SELECT * FROM attempts WHERE run_id = ? ORDER BY step_id, attempt", [run_id]
+            )
+        )
+
+    def artifacts(self, run_id: str) -> list[Row]:
+        """The recorded outputs of a run."""
+        return list(
+            self.db.query(
+                "SELECT a.step_id, a.path, a.digest, a.size FROM artifacts a "
+                "JOIN steps s ON s.run_id = a.run_id AND s.step_id = a.step_id "
+                "WHERE a.run_id = ? ORDER BY s.position, a.path",
+                [run_id],
+            )
+        )
+
+    def logs(
+        self, run_id: str, step_id: str | None = None, after: int = 0, tail: int | None = None
+    ) -> list[Row]:
+        """Log lines of a run (or one step), in order; `after` is a rowid cursor for following."""
+        sql = (
+            "SELECT e.rowid AS cursor, e.task_id, e.step_id, e.seq, e.time, e.stream, e.text "
+            "FROM events e JOIN attempts a ON a.task_id = e.task_id "
+            "WHERE e.run_id = ? AND e.kind = 'log' AND e.rowid > ?"
+        )
+        args: list[Any] = [run_id, after]
+        if step_id is not None:
+            sql += " AND e.step_id = ?"
+            args.append(step_id)
+        sql += " ORDER BY e.rowid"
+        rows = list(self.db.query(sql, args))
+        return rows[-tail:] if tail else rows
+
+    def events(self, task_id: str) -> list[Row]:
+        """Every event of one attempt, by seq."""
+        return list(self.db.query("SELECT * FROM events WHERE task_id = ? ORDER BY seq", [task_id]))
+

@@ -1,0 +1,96 @@
+"""Ledger schema migrations, applied in order and tracked by `PRAGMA user_version`."""
+
+from __future__ import annotations
+
+import sqlite3
+
+__all__ = ["migrate"]
+
+# Append only: never edit a migration that has shipped.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        recipe TEXT NOT NULL,
+        source TEXT NOT NULL,
+        recipe_digest TEXT NOT NULL,
+        params TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        message TEXT
+    );
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        step_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        target TEXT NOT NULL,
+        needs TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        started REAL,
+        finished REAL,
+        exit_code INTEGER,
+        message TEXT,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE TABLE attempts (
+        task_id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        agent TEXT NOT NULL,
+        address TEXT NOT NULL,
+        status TEXT NOT NULL,
+        exit_code INTEGER,
+        message TEXT,
+        started REAL NOT NULL,
+        finished REAL,
+        last_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX attempts_run ON attempts(run_id, step_id);
+    CREATE TABLE events (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        run_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        time REAL NOT NULL,
+        kind TEXT NOT NULL,
+        stream TEXT,
+        state TEXT,
+        text TEXT,
+        PRIMARY KEY (task_id, seq)
+    );
+    CREATE INDEX events_run ON events(run_id, step_id);
+    CREATE TABLE artifacts (
+        run_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (run_id, step_id, path)
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date; return the version. Refuses a ledger from a newer mle."""
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > SCHEMA_VERSION:
+        from mle_proto.errors import FailedPrecondition
+
+        raise FailedPrecondition(
+            f"the ledger has schema version {current}, newer than this mle "
+            f"understands ({SCHEMA_VERSION}); upgrade mle"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        conn.executescript(
+            f"BEGIN; {_MIGRATIONS[version]}; PRAGMA user_version = {version + 1}; COMMIT;"
+        )
+    return SCHEMA_VERSION

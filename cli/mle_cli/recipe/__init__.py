@@ -1,0 +1,27 @@
+"""Recipes: compile a recipe file into a Plan, and render a step's templates at dispatch.
+
+Every problem with a recipe, its files or its `-p` overrides is a `RecipeError` whose message
+points at `file:line:col: key.path:`.
+"""
+
+from __future__ import annotations
+
+from mle_cli.recipe._compiler import compile_recipe
+from mle_cli.recipe._durations import parse_duration
+from mle_cli.recipe._params import parse_overrides
+from mle_cli.recipe._templates import RenderedStep, render_step
+from mle_cli.recipe.plan import ParamValue, Plan, RetryPolicy, ShippedFile, SourceLocation, Step
+
+__all__ = [
+    "ParamValue",
+    "Plan",
+    "RenderedStep",
+    "RetryPolicy",
+    "ShippedFile",
+    "SourceLocation",
+    "Step",
+    "compile_recipe",
+    "parse_duration",
+    "parse_overrides",
+    "render_step",
+]

@@ -1,0 +1,257 @@
+"""The `defaults:` and `steps:` sections: each step's command, needs, outputs, env and policies."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from mle_cli.recipe._fields import (
+    NOT_YET,
+    check_keys,
+    duration_value,
+    expect_mapping,
+    expect_str,
+    scalar_text,
+    text_list,
+)
+from mle_cli.recipe._loader import Document, KeyPath, describe
+from mle_cli.recipe.plan import RetryPolicy, Step
+from mle_proto.errors import InvalidInput
+from mle_proto.store import check_relative_path
+
+__all__ = ["Defaults", "ParsedStep", "TemplateSource", "parse_defaults", "parse_steps"]
+
+STEP_KEYS = ("run", "argv", "needs", "outputs", "env", "retries", "timeout", "on")
+LATER_STEP_KEYS = ("matrix", "when", "uses", "with", "metrics", "cache", "each")
+DEFAULT_KEYS = ("retries", "timeout", "env")
+RETRY_KEYS = ("max", "backoff", "factor", "max_delay")
+MAX_RETRIES = 100
+
+_STEP_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    """A template written in the recipe: where, its text, and whether values are shell-quoted."""
+
+    path: KeyPath
+    text: str
+    quote: bool
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What `defaults:` gives every step that does not say otherwise."""
+
+    retries: Mapping[str, float]
+    timeout: float | None
+    env: Mapping[str, str]
+    templates: tuple[TemplateSource, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParsedStep:
+    """A step, plus where its needs and outputs were written and which templates it holds."""
+
+    step: Step
+    need_paths: tuple[KeyPath, ...]
+    output_paths: tuple[KeyPath, ...]
+    templates: tuple[TemplateSource, ...]
+
+
+def parse_defaults(doc: Document, value: object) -> Defaults:
+    """The `defaults:` section (all of it optional)."""
+    path: KeyPath = ("defaults",)
+    body = expect_mapping(doc, path, value, "a mapping with retries, timeout or env")
+    check_keys(doc, path, body, DEFAULT_KEYS)
+    env, templates = _env(doc, (*path, "env"), body.get("env"))
+    return Defaults(
+        retries=_retries(doc, (*path, "retries"), body.get("retries")),
+        timeout=_timeout(doc, (*path, "timeout"), body.get("timeout")),
+        env=env,
+        templates=templates,
+    )
+
+
+def parse_steps(doc: Document, value: object, defaults: Defaults) -> list[ParsedStep]:
+    """Every step in declaration order; needs are not resolved yet."""
+    if "steps" not in doc.data:
+        raise doc.error((), "missing required key 'steps'")
+    body = expect_mapping(doc, ("steps",), value, "a mapping of step ids to steps")
+    if not body:
+        raise doc.error(("steps",), "a recipe needs at least one step")
+    return [_parse_step(doc, step_id, spec, defaults) for step_id, spec in body.items()]
+
+
+def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) -> ParsedStep:
+    path: KeyPath = ("steps", step_id)
+    if not _STEP_ID.fullmatch(step_id):
+        message = (
+            f"invalid step id {step_id!r}: use lowercase letters, digits, '-' and '_', "
+            "starting with a letter or digit"
+        )
+        raise doc.error(path, message, at_key=True, label=("steps",))
+    if not isinstance(value, dict):
+        message = f"expected a step (a mapping with 'run' or 'argv'), got {describe(value)}"
+        raise doc.error(path, message)
+    check_keys(doc, path, value, STEP_KEYS, LATER_STEP_KEYS)
+    run, argv, command = _command(doc, path, value)
+    needs = text_list(doc, (*path, "needs"), value.get("needs"), "a step id or a list of them")
+    outputs = _outputs(doc, (*path, "outputs"), value.get("outputs"))
+    env, env_templates = _env(doc, (*path, "env"), value.get("env"))
+    step = Step(
+        id=step_id,
+        run=run,
+        argv=argv,
+        env={**defaults.env, **env},
+        needs=tuple(name for _, name in needs),
+        outputs=tuple(name for _, name in outputs),
+        target=_target(doc, (*path, "on"), value.get("on", "local")),
+        retries=_policy(
+            {**defaults.retries, **_retries(doc, (*path, "retries"), value.get("retries"))}
+        ),
+        timeout=_step_timeout(doc, path, value, defaults),
+        location=doc.location(path, at_key=True),
+    )
+    need_paths = tuple(p for p, _ in needs)
+    output_paths = tuple(p for p, _ in outputs)
+    return ParsedStep(step, need_paths, output_paths, (*command, *env_templates))
+
+
+def _command(
+    doc: Document, path: KeyPath, body: dict[str, object]
+) -> tuple[str | None, tuple[str, ...] | None, tuple[TemplateSource, ...]]:
+    """(run, argv, templates): exactly one of `run:` and `argv:`."""
+    if "run" in body and "argv" in body:
+        raise doc.error(
+            (*path, "argv"), "use either 'run' or 'argv', not both", at_key=True, label=path
+        )
+    if "run" in body:
+        run = expect_str(doc, (*path, "run"), body["run"], "a shell command (a string)")
+        run = scalar_text(doc, (*path, "run"), run)
+        return run, None, (TemplateSource((*path, "run"), run, quote=True),)
+    if "argv" not in body:
+        message = "a step needs 'run' (a shell command) or 'argv' (a program and its arguments)"
+        raise doc.error(path, message, at_key=True)
+    items = body["argv"]
+    if not isinstance(items, list) or not items:
+        shown = "an empty list" if items == [] else describe(items)
+        raise doc.error(
+            (*path, "argv"), f"expected a program and its arguments (a list), got {shown}"
+        )
+    argv = text_list(doc, (*path, "argv"), items, "a list")
+    templates = tuple(TemplateSource(p, text, quote=False) for p, text in argv)
+    return None, tuple(text for _, text in argv), templates
+
+
+def _outputs(doc: Document, path: KeyPath, value: object) -> list[tuple[KeyPath, str]]:
+    """Output paths, normalized (`./a//b` -> `a/b`), each inside the work dir and listed once."""
+    outputs: list[tuple[KeyPath, str]] = []
+    seen: set[str] = set()
+    for item, text in text_list(doc, path, value, "a path or a list of paths"):
+        try:
+            normal = str(check_relative_path(text))
+        except InvalidInput:
+            pure = PurePosixPath(text)
+            escapes = text and (pure.is_absolute() or ".." in pure.parts)
+            problem = "escapes the work dir" if escapes else "is not a valid path in the work dir"
+            raise doc.error(item, f"output path {text!r} {problem}") from None
+        if normal in seen:
+            raise doc.error(item, f"output {normal!r} is listed twice")
+        seen.add(normal)
+        outputs.append((item, normal))
+    return outputs
+
+
+def _env(
+    doc: Document, path: KeyPath, value: object
+) -> tuple[dict[str, str], tuple[TemplateSource, ...]]:
+    """Environment variables (values are templates) and the template sources they hold."""
+    env: dict[str, str] = {}
+    for name, raw in expect_mapping(
+        doc, path, value, "a mapping of variable names to values"
+    ).items():
+        where = (*path, name)
+        if not _ENV_NAME.fullmatch(name):
+            message = f"invalid environment variable name {name!r}"
+            raise doc.error(where, message, at_key=True, label=path)
+        if name.startswith("MLE_"):
+            message = f"{name!r} is reserved: mle sets the MLE_* variables itself"
+            raise doc.error(where, message, at_key=True, label=path)
+        env[name] = scalar_text(doc, where, raw, "a string or a number")
+    templates = tuple(TemplateSource((*path, n), v, quote=False) for n, v in env.items())
+    return env, templates
+
+
+def _retries(doc: Document, path: KeyPath, value: object) -> dict[str, float]:
+    """The retry fields given (a bare integer is `max`); unspecified fields come from defaults."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"max": _retry_max(doc, path, value)}
+    what = "a number of retries or a mapping with max, backoff, factor, max_delay"
+    body = expect_mapping(doc, path, value, what)
+    check_keys(doc, path, body, RETRY_KEYS)
+    fields: dict[str, float] = {}
+    for key, raw in body.items():
+        where = (*path, key)
+        if key == "max":
+            fields[key] = _retry_max(doc, where, raw)
+        elif key == "factor":
+            fields[key] = _factor(doc, where, raw)
+        else:
+            fields[key] = duration_value(doc, where, raw)
+    return fields
+
+
+def _retry_max(doc: Document, path: KeyPath, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_RETRIES:
+        return value
+    shown = doc.texts.get(path, describe(value))
+    raise doc.error(
+        path, f"expected a whole number of retries from 0 to {MAX_RETRIES}, got {shown}"
+    )
+
+
+def _factor(doc: Document, path: KeyPath, value: object) -> float:
+    # NaN and infinity fail the range test too.
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 <= value <= 100:
+        return float(value)
+    shown = doc.texts.get(path, describe(value))
+    raise doc.error(path, f"expected a backoff factor from 1 to 100, got {shown}")
+
+
+def _policy(fields: Mapping[str, float]) -> RetryPolicy:
+    base = RetryPolicy()
+    return RetryPolicy(
+        max=int(fields.get("max", base.max)),
+        backoff=fields.get("backoff", base.backoff),
+        factor=fields.get("factor", base.factor),
+        max_delay=fields.get("max_delay", base.max_delay),
+    )
+
+
+def _timeout(doc: Document, path: KeyPath, value: object) -> float | None:
+    """A per-attempt timeout in seconds; null or absent means none."""
+    if value is None:
+        return None
+    seconds = duration_value(doc, path, value)
+    if seconds <= 0:
+        raise doc.error(path, "a timeout must be longer than 0s")
+    return seconds
+
+
+def _step_timeout(
+    doc: Document, path: KeyPath, body: dict[str, object], defaults: Defaults
+) -> float | None:
+    # A step's `timeout: null` (like an absent one) leaves the default in force.
+    own = _timeout(doc, (*path, "timeout"), body.get("timeout"))
+    return own if own is not None else defaults.timeout
+
+
+def _target(doc: Document, path: KeyPath, value: object) -> str:
+    """Placement: a string (`local`, a target name, a glob); the scheduler resolves it."""
+    if isinstance(value, dict):
+        raise doc.error(path, f"placement by names and labels {NOT_YET}; use a target name")
+    return expect_str(doc, path, value, "a target name, e.g. local")

@@ -1,0 +1,315 @@
+"""Everything the user sees: tables, JSON, progress, errors. The only module that imports rich.
+
+Data goes to stdout, progress and errors to stderr. Rich is imported lazily so `mle --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from mle_cli.states import Status
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+__all__ = [
+    "LiveProgress",
+    "PlainProgress",
+    "ago",
+    "duration",
+    "print_error",
+    "print_json",
+    "print_table",
+    "stderr_console",
+    "stdout_console",
+]
+
+_STYLE = {
+    Status.PENDING: "dim",
+    Status.RUNNING: "cyan",
+    Status.RETRYING: "yellow",
+    Status.SUCCEEDED: "green",
+    Status.FAILED: "red",
+    Status.TIMED_OUT: "red",
+    Status.LOST: "red",
+    Status.CANCELLED: "magenta",
+    Status.SKIPPED: "dim",
+    Status.DETACHED: "yellow",
+}
+
+
+def stdout_console() -> Console:
+    """A console on stdout for data."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def stderr_console() -> Console:
+    """A console on stderr for progress and errors."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_error(message: str, hint: str = "") -> None:
+    """One red line on stderr, plus a hint line when there is one."""
+    from rich.markup import escape
+
+    console = stderr_console()
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        console.print(f"[dim]hint: {escape(hint)}[/]")
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str = "") -> None:
+    """A simple table on stdout; a `status` column is coloured."""
+    from rich.table import Table
+
+    table = Table(title=title or None, box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column.upper())
+    for row in rows:
+        table.add_row(*(_cell(column, row.get(column)) for column in columns))
+    stdout_console().print(table)
+
+
+def styled_status(status: str) -> str:
+    """A status word with its colour markup."""
+    try:
+        style = _STYLE[Status(status)]
+    except ValueError:
+        return status
+    return f"[{style}]{status}[/]"
+
+
+def duration(seconds: float | None) -> str:
+    """1.2s, 3m04s, 2h01m."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def ago(timestamp: float | None) -> str:
+    """Local wall-clock time of a timestamp."""
+    if not timestamp:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cell(column: str, value: Any) -> str:
+    from rich.markup import escape
+
+    if value is None:
+        return "-"
+    if column == "status":
+        return styled_status(str(value))
+    return escape(str(value))
+
+
+class PlainProgress:
+    """Progress as plain timestamped lines on stderr (not a terminal, or --no-live)."""
+
+    def __init__(self, show_logs: bool = True) -> None:
+        self._show_logs = show_logs
+
+    def step_changed(self, step_id: str, status: Status, detail: str) -> None:
+        """Print the new status."""
+        suffix = f" ({detail})" if detail else ""
+        self._line(f"{step_id}: {status}{suffix}")
+
+    def step_log(self, step_id: str, stream: str, text: str) -> None:
+        """Print the step's line, prefixed with its step."""
+        if self._show_logs:
+            self._line(f"{step_id} | {text}")
+
+    def pause(self) -> None:
+        """Nothing to pause for plain lines."""
+
+    def resume(self) -> None:
+        """Nothing to resume for plain lines."""
+
+    def _line(self, text: str) -> None:
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        sys.stderr.flush()
+
+
+class LiveProgress:
+    """A live table of steps on the terminal: status, target, attempt, elapsed, last line."""
+
+    def __init__(self, step_ids: Iterable[str], title: str) -> None:
+        self._title = title
+        self._rows: dict[str, dict[str, Any]] = {
+            s: {"status": Status.PENDING, "detail": "", "last": "", "since": None}
+            for s in step_ids
+        }
+        self._live: Live | None = None
+
+    def __enter__(self) -> LiveProgress:
+        from rich.live import Live
+
+        self._live = Live(
+            get_renderable=self._table, console=stderr_console(), refresh_per_second=8
+        )
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def step_changed(self, step_id: str, status: Status, detail: str) -> None:
+        """Update the step's row."""
+        row = self._rows[step_id]
+        if status == Status.RUNNING and row["since"] is None:
+            row["since"] = time.monotonic()
+        if status != Status.RUNNING and row["since"] is not None:
+            row["elapsed"] = time.monotonic() - row["since"]
+        row.update(status=status, detail=detail)
+
+    def step_log(self, step_id: str, stream: str, text: str) -> None:
+        """Remember the step's last line."""
+        self._rows[step_id]["last"] = text
+
+    def pause(self) -> None:
+        """Stop drawing (before a prompt)."""
+        if self._live is not None:
+            self._live.stop()
+
+    def resume(self) -> None:
+        """Draw again."""
+        if self._live is not None:
+            self._live.start()
+
+    def _table(self) -> Table:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=self._title, box=None, header_style="bold", title_justify="left")
+        for column in ("step", "status", "time", "detail"):
+            table.add_column(column.upper(), no_wrap=column != "detail", overflow="ellipsis")
+        for step_id, row in self._rows.items():
+            elapsed = row.get("elapsed")
+            if row["status"] == Status.RUNNING and row["since"] is not None:
+                elapsed = time.monotonic() - row["since"]
+            detail = row["last"] if row["status"] == Status.RUNNING and row["last"] else row["detail"]
+            table.add_row(
+                escape(step_id),
+                styled_status(row["status"]),
+                duration(elapsed),
+                escape(detail[:120]),
+            )
+        return table
+
+
+def print_plan(plan: Mapping[str, Any]) -> None:
+    """The DAG of a plan: stages, placement, commands, outputs."""
+    from rich.markup import escape
+
+    console = stdout_console()
+    params = ", ".join(f"{k}={v}" for k, v in plan["params"].items()) or "none"
+    console.print(f"[bold]{escape(plan['name'])}[/] ({escape(plan['source'])}) params: {escape(params)}")
+    for f in plan["files"]:
+        console.print(f"  ships {escape(f['path'])} ({f['size']} bytes)")
+    for step in plan["steps"]:
+        needs = ", ".join(step["needs"]) or "-"
+        console.print(
+            f"  stage {step['stage']}  [bold]{escape(step['id'])}[/] on {escape(step['target'])}"
+            f"  needs: {escape(needs)}"
+        )
+        command = step["run"] if step["run"] is not None else " ".join(step["argv"])
+        console.print(f"      $ {escape(command)}")
+        if step["outputs"]:
+            console.print(f"      outputs: {escape(', '.join(step['outputs']))}")
+    for name, where in plan["targets"].items():
+        console.print(f"  target {escape(name)}: {escape(where)}")
+    console.print("[dim]nothing was run[/]")
+
+
+def print_outcome(outcome: Any) -> None:
+    """The last lines of failed steps (stderr), then one summary line (stdout)."""
+    from rich.markup import escape
+
+    err = stderr_console()
+    for step in outcome.failed_steps:
+        if step.last_lines:
+            err.print(f"[red]{escape(step.step_id)}[/] last lines:")
+            for line in step.last_lines:
+                err.print(f"  {escape(line)}", markup=True)
+    done = sum(1 for s in outcome.steps.values() if s.status == Status.SUCCEEDED)
+    stdout_console().print(
+        f"run {outcome.run_id} {styled_status(outcome.status)} in {duration(outcome.duration)}: "
+        f"{done}/{len(outcome.steps)} steps succeeded"
+    )
+
+
+def print_run(run: Mapping[str, Any]) -> None:
+    """`mle show`: the run, its steps and attempts, failures and where outputs are stored."""
+    from rich.markup import escape
+
+    console = stdout_console()
+    console.print(
+        f"[bold]run {escape(run['id'])}[/] {escape(run['recipe'])} ({escape(run['source'])}) "
+        f"{styled_status(run['status'])} in {duration(run['duration'])}, started {ago(run['started'])}"
+    )
+    if run.get("message"):
+        console.print(f"  {escape(run['message'])}")
+    if run["params"]:
+        console.print("  params: " + escape(", ".join(f"{k}={v}" for k, v in run["params"].items())))
+    rows = [
+        {
+            "step": s["step_id"],
+            "status": s["status"],
+            "target": s["target"],
+            "attempts": s["attempts"],
+            "time": duration(s["duration"]),
+            "exit": s["exit_code"],
+            "detail": s["message"] or "",
+        }
+        for s in run["steps"]
+    ]
+    print_table(rows, ["step", "status", "target", "attempts", "time", "exit", "detail"])
+    for step in run["steps"]:
+        _print_failure(console, step)
+    if run["outputs"]:
+        console.print("[bold]outputs[/] (in the project's artifact store):")
+        for out in run["outputs"]:
+            missing = "" if out["present"] else " [red](missing)[/]"
+            console.print(
+                f"  {escape(out['step_id'])}/{escape(out['path'])} ({out['size']} bytes) -> "
+                f"{escape(out['stored'])}{missing}"
+            )
+
+
+def _print_failure(console: Console, step: Mapping[str, Any]) -> None:
+    from rich.markup import escape
+
+    if "last_lines" not in step:
+        return
+    console.print(f"[red]{escape(step['step_id'])} failed[/]: {escape(step['message'] or '')}")
+    for attempt in step["attempt_history"]:
+        console.print(
+            f"  attempt {attempt['attempt']} on {escape(attempt['agent'])}: "
+            f"{styled_status(attempt['status'])} exit={attempt['exit_code']}"
+        )
+    for line in step["last_lines"]:
+        console.print(f"  | {escape(line)}")

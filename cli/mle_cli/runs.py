@@ -1,0 +1,223 @@
+"""Starting, driving and cancelling runs: the library behind `mle run` and `mle cancel`."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mle_cli.executor import Executor
+from mle_cli.ledger import Ledger, LedgerWriter
+from mle_cli.recipe.plan import Plan
+from mle_cli.scheduler import Progress, RunOutcome, Scheduler
+from mle_cli.settings import Settings
+from mle_cli.states import FINAL, Status
+from mle_cli.targets import resolve_target
+from mle_proto.errors import MleError
+from mle_proto.store import ArtifactStore
+
+__all__ = ["RunControl", "cancel_run", "execute_plan", "new_run_id"]
+
+
+def new_run_id() -> str:
+    """A sortable, readable, unique run id such as 20261122-153012-a3f9."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass
+class RunControl:
+    """Lets the caller (the CLI's Ctrl-C handler) cancel or detach a run in flight."""
+
+    cancel: Callable[[str], None] = lambda reason: None
+    detach: Callable[[], None] = lambda: None
+
+
+class _Executors:
+    """One connection per target, opened on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._open: dict[str, asyncio.Task[Executor]] = {}
+
+    async def get(self, target: str) -> Executor:
+        if target not in self._open:
+            self._open[target] = asyncio.create_task(self._connect(target))
+        return await self._open[target]
+
+    async def _connect(self, target: str) -> Executor:
+        from mle_cli.targets.connection import connect
+
+        endpoint = await asyncio.to_thread(resolve_target, target, self._settings)
+        return await connect(endpoint, self._settings.rpc_timeout)
+
+    async def close(self) -> None:
+        for task in self._open.values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await task.result().close()
+
+
+async def execute_plan(
+    plan: Plan,
+    settings: Settings,
+    progress: Progress,
+    *,
+    run_id: str | None = None,
+    control: RunControl | None = None,
+) -> RunOutcome:
+    """Record a new run of the plan in the ledger and drive it to a final state."""
+    run_id = run_id or new_run_id()
+    store = ArtifactStore(settings.artifacts_dir)
+    for shipped in plan.files:
+        if not store.has(shipped.digest):
+            store.put_file(shipped.source)
+    writer = LedgerWriter(settings.ledger_path)
+    executors = _Executors(settings)
+    try:
+        writer.submit(lambda led: _create_run(led, plan, run_id))
+        scheduler = Scheduler(
+            plan,
+            run_id,
+            executor_for=executors.get,
+            writer=writer,
+            store=store,
+            progress=progress,
+            watch_grace=settings.watch_grace,
+        )
+        driving = asyncio.create_task(scheduler.run())
+        detached = asyncio.Event()
+        if control is not None:
+            control.cancel = scheduler.cancel
+            control.detach = lambda: (detached.set(), driving.cancel())  # type: ignore[func-returns-value]
+        watcher = asyncio.create_task(_watch_cancel_requests(settings, run_id, scheduler))
+        try:
+            return await driving
+        except asyncio.CancelledError:
+            if not detached.is_set():
+                raise
+            return await _detach(writer, run_id, scheduler)
+        finally:
+            watcher.cancel()
+    finally:
+        await executors.close()
+        writer.close()
+
+
+async def _detach(writer: LedgerWriter, run_id: str, scheduler: Scheduler) -> RunOutcome:
+    message = "detached: its tasks keep running on their agents"
+    writer.submit(lambda led: led.update_run(run_id, status=Status.DETACHED, message=message))
+    await writer.flush()
+    return RunOutcome(run_id, Status.DETACHED, scheduler.outcomes, 0.0)
+
+
+def _create_run(ledger: Ledger, plan: Plan, run_id: str) -> None:
+    ledger.create_run(
+        run_id,
+        recipe=plan.name,
+        source=str(plan.source),
+        recipe_digest=plan.digest,
+        params=dict(plan.params),
+        steps=[(s.id, s.target, s.needs) for s in plan.steps],
+    )
+
+
+async def _watch_cancel_requests(settings: Settings, run_id: str, scheduler: Scheduler) -> None:
+    """Honour `mle cancel` from another process, which flags the run in the ledger."""
+    ledger = Ledger(settings.ledger_path)
+    try:
+        while True:
+            await asyncio.sleep(settings.cancel_poll_interval)
+            row = ledger.conn.execute(
+                "SELECT cancel_requested FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+            if row and row[0]:
+                scheduler.cancel("cancelled by `mle cancel`")
+                return
+    finally:
+        ledger.close()
+
+
+def cancel_run(settings: Settings, run_ref: str | None, wait: float = 5.0) -> Mapping[str, object]:
+    """Cancel a run: flag it, kill its running tasks, and close it if no `mle run` drives it."""
+    ledger = Ledger(settings.ledger_path)
+    try:
+        run_id = ledger.resolve_run(run_ref)
+        run = ledger.run(run_id)
+        if run["status"] in FINAL:
+            return {"run": run_id, "status": run["status"], "changed": False}
+        ledger.request_cancel(run_id)
+        running = [a for a in ledger.attempts(run_id) if a["status"] == Status.RUNNING]
+        asyncio.run(_cancel_tasks(settings, running))
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and ledger.run(run_id)["status"] not in FINAL:
+            time.sleep(0.1)
+        if ledger.run(run_id)["status"] not in FINAL:  # nobody drives it: close it ourselves
+            ledger.finish_abandoned_run(run_id, Status.CANCELLED, "cancelled by `mle cancel`")
+        return {"run": run_id, "status": ledger.run(run_id)["status"], "changed": True}
+    finally:
+        ledger.close()
+
+
+async def _cancel_tasks(settings: Settings, attempts: list[dict[str, object]]) -> None:
+    from mle_cli.targets.connection import connect
+
+    for attempt in attempts:
+        try:
+            endpoint = resolve_target(str(attempt["agent"]), settings, start=False)
+            conn = await connect(endpoint, settings.rpc_timeout)
+        except MleError:
+            continue  # its agent is gone, and so is the task
+        try:
+            await conn.cancel(str(attempt["task_id"]), "cancelled by `mle cancel`")
+        except MleError:
+            pass
+        finally:
+            await conn.close()
+
+
+def describe_plan(plan: Plan, settings: Settings) -> dict[str, object]:
+    """What `mle plan` shows: steps in order, their stage in the DAG, placement and commands."""
+    from mle_cli.recipe import render_step
+    from mle_cli.targets import known_targets, local_agent_endpoint
+    from mle_cli.targets.local import LOCAL
+
+    stages: dict[str, int] = {}
+    steps = []
+    for step in plan.steps:
+        stages[step.id] = 1 + max((stages[n] for n in step.needs), default=0)
+        if step.target not in known_targets():
+            from mle_cli.errors import RecipeError
+
+            raise RecipeError(
+                f"no target {step.target!r}; known targets: {', '.join(known_targets())}",
+                file=step.location.file,
+                line=step.location.line,
+                col=step.location.col,
+                key=f"steps.{step.id}.on",
+            )
+        rendered = render_step(plan, step, run_id="<run>", target=step.target)
+        steps.append(
+            {
+                "id": step.id,
+                "stage": stages[step.id],
+                "needs": list(step.needs),
+                "target": step.target,
+                "run": rendered.shell,
+                "argv": list(rendered.argv) if rendered.argv is not None else None,
+                "env": rendered.env,
+                "outputs": list(step.outputs),
+                "retries": step.retries.max,
+                "timeout": step.timeout,
+            }
+        )
+    local_state = "running" if local_agent_endpoint(settings) else "started on demand"
+    return {
+        "name": plan.name,
+        "source": str(plan.source),
+        "digest": plan.digest,
+        "params": dict(plan.params),
+        "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in plan.files],
+        "targets": {LOCAL: f"embedded agent on 127.0.0.1 ({local_state})"},
+        "steps": steps,
+    }

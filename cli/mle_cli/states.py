@@ -1,0 +1,27 @@
+"""The states a run, step or attempt can be in, as recorded in the ledger and shown to users."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["FINAL", "Status"]
+
+
+class Status(StrEnum):
+    """Lifecycle of runs, steps and attempts."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed-out"
+    SKIPPED = "skipped"
+    LOST = "lost"
+    DETACHED = "detached"
+
+
+FINAL = frozenset(
+    {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT, Status.SKIPPED}
+)

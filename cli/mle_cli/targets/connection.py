@@ -1,0 +1,210 @@
+"""A gRPC connection to one agent, implementing the scheduler's Executor interface.
+
+This is where grpc errors enter the operator side: every call translates `grpc.RpcError` into the
+shared exception tree, naming the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from mle_cli.executor import OutputFile, TaskRequest, TaskUpdate
+from mle_cli.targets._endpoint import Endpoint
+from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
+from mle_proto.errors import FailedPrecondition, from_rpc_error
+from mle_proto.store import CHUNK, ArtifactStore
+from mle_proto.v1 import agent_pb2 as pb
+from mle_proto.v1 import agent_pb2_grpc as rpc
+
+__all__ = ["AgentConnection", "connect"]
+
+T = TypeVar("T")
+_MAX_MESSAGE = 4 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+]
+
+
+async def connect(endpoint: Endpoint, rpc_timeout: float) -> AgentConnection:
+    """Open a connection and check the agent speaks our protocol version."""
+    conn = AgentConnection(endpoint, rpc_timeout)
+    try:
+        info = await conn.info()
+    except BaseException:
+        await conn.close()
+        raise
+    if info.proto_version != PROTO_VERSION:
+        await conn.close()
+        raise FailedPrecondition(
+            f"agent {endpoint.name} speaks protocol {info.proto_version or 'unknown'}, "
+            f"this mle speaks {PROTO_VERSION}; upgrade the agent (mle agent upgrade)"
+        )
+    conn.set_slots(max(1, info.slots))
+    return conn
+
+
+class AgentConnection:
+    """Executor over one agent's gRPC endpoint."""
+
+    def __init__(self, endpoint: Endpoint, rpc_timeout: float) -> None:
+        self.name = endpoint.name
+        self.address = endpoint.address
+        self._timeout = rpc_timeout
+        self._metadata = (
+            ((AUTH_METADATA_KEY, f"Bearer {endpoint.token}"),) if endpoint.token else ()
+        )
+        self._channel = grpc.aio.insecure_channel(endpoint.address, options=_CHANNEL_OPTIONS)
+        self._agent = rpc.AgentStub(self._channel)
+        self._artifacts = rpc.ArtifactsStub(self._channel)
+        self._slots = asyncio.Semaphore(1)
+
+    def set_slots(self, slots: int) -> None:
+        """How many attempts may run on this agent at once."""
+        self._slots = asyncio.Semaphore(slots)
+
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        """Held while an attempt runs."""
+        return _SemaphoreSlot(self._slots)
+
+    async def info(self) -> pb.AgentInfo:
+        """The agent's facts."""
+        return await self._call(lambda: self._agent.GetInfo(pb.GetInfoRequest(), **self._opts()))
+
+    async def start(self, request: TaskRequest) -> None:
+        """Start a task; a repeated call for the same task id is harmless."""
+        spec = _task_spec(request)
+        await self._call(lambda: self._agent.StartTask(spec, **self._opts()))
+
+    async def watch(self, task_id: str, after_seq: int) -> AsyncIterator[TaskUpdate]:
+        """Stream the task's events after after_seq until its result."""
+        request = pb.WatchTaskRequest(task_id=task_id, after_seq=after_seq)
+        call = self._agent.WatchTask(request, metadata=self._metadata)
+        try:
+            async for event in call:
+                yield _task_update(event)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, agent=self.name) from None
+        finally:
+            call.cancel()
+
+    async def cancel(self, task_id: str, reason: str) -> None:
+        """Kill a task's process tree."""
+        request = pb.CancelTaskRequest(task_id=task_id, reason=reason)
+        await self._call(lambda: self._agent.CancelTask(request, **self._opts()))
+
+    async def ack(self, task_id: str, upto_seq: int) -> None:
+        """Let the agent prune events the ledger holds."""
+        request = pb.AckRequest(task_id=task_id, upto_seq=upto_seq)
+        await self._call(lambda: self._agent.Ack(request, **self._opts()))
+
+    async def missing(self, digests: Iterable[str]) -> list[str]:
+        """Which of these artifacts the agent lacks."""
+        wanted = sorted(set(digests))
+        if not wanted:
+            return []
+        request = pb.StatRequest(digests=wanted)
+        reply = await self._call(lambda: self._artifacts.Stat(request, **self._opts()))
+        return [a.digest for a in reply.artifacts if not a.present]
+
+    async def ship(self, digests: Iterable[str], store: ArtifactStore) -> None:
+        """Upload the artifacts the agent lacks (dedup by digest)."""
+        for digest in await self.missing(digests):
+            size = store.size(digest) or 0
+            await self._call(lambda d=digest, s=size: self._put(d, s, store))  # type: ignore[misc]
+
+    async def fetch(self, digests: Iterable[str], store: ArtifactStore) -> None:
+        """Download artifacts the local store lacks."""
+        for digest in sorted(set(digests)):
+            if not store.has(digest):
+                await self._call(lambda d=digest: self._get(d, store))  # type: ignore[misc]
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _put(self, digest: str, size: int, store: ArtifactStore) -> pb.PutResponse:
+        async def chunks() -> AsyncIterator[pb.PutChunk]:
+            yield pb.PutChunk(header=pb.PutHeader(digest=digest, size=size))
+            for data in store.iter_chunks(digest):
+                yield pb.PutChunk(data=data)
+
+        return await self._artifacts.Put(chunks(), metadata=self._metadata)  # type: ignore[no-any-return]
+
+    async def _get(self, digest: str, store: ArtifactStore) -> None:
+        with store.writer(digest) as pending:
+            async for chunk in self._artifacts.Get(
+                pb.GetRequest(digest=digest), metadata=self._metadata
+            ):
+                pending.write(chunk.data)
+            pending.commit()
+
+    def _opts(self) -> dict[str, object]:
+        return {"metadata": self._metadata, "timeout": self._timeout}
+
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await make()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, agent=self.name) from None
+
+
+class _SemaphoreSlot:
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+
+    async def __aenter__(self) -> None:
+        await self._semaphore.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._semaphore.release()
+
+
+def _task_spec(request: TaskRequest) -> pb.TaskSpec:
+    spec = pb.TaskSpec(
+        task_id=request.task_id,
+        run_id=request.run_id,
+        step=request.step,
+        attempt=request.attempt,
+        env=dict(request.env),
+        inputs=[pb.InputFile(path=p, digest=d) for p, d in sorted(request.inputs.items())],
+        outputs=list(request.outputs),
+        timeout_seconds=request.timeout or 0.0,
+    )
+    if request.argv is not None:
+        spec.argv.args.extend(request.argv)
+    else:
+        spec.shell = request.shell or ""
+    return spec
+
+
+def _state_name(state: int) -> str:
+    return pb.TaskState.Name(state).removeprefix("TASK_STATE_").lower().replace("_", "-")  # type: ignore[arg-type]
+
+
+def _task_update(event: pb.TaskEvent) -> TaskUpdate:
+    body = event.WhichOneof("body")
+    if body == "log":
+        stream = "stderr" if event.log.stream == pb.LOG_STREAM_STDERR else "stdout"
+        return TaskUpdate(event.seq, event.time, "log", stream=stream, text=event.log.text)
+    if body == "result":
+        r = event.result
+        outputs = tuple(OutputFile(o.path, o.digest, o.size) for o in r.outputs)
+        return TaskUpdate(
+            event.seq,
+            event.time,
+            "result",
+            state=_state_name(r.state),
+            text=r.message,
+            exit_code=r.exit_code,
+            outputs=outputs,
+        )
+    return TaskUpdate(
+        event.seq, event.time, "state", state=_state_name(event.state.state), text=event.state.message
+    )

@@ -1,0 +1,171 @@
+"""The embedded local agent: started on 127.0.0.1 with a random token, or reused when alive.
+
+State lives in `.mle/agent/`: `token` (0600, the bearer token), `state.json` (written by the agent
+once it listens: pid, address, version), `agent.log`, and a lock so two `mle` processes starting
+at once end up sharing one agent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from mle_cli.settings import Settings
+from mle_cli.targets._endpoint import Endpoint
+from mle_proto import __version__
+from mle_proto.errors import AgentUnavailable
+
+__all__ = ["LOCAL", "ensure_local_agent", "local_agent_endpoint", "stop_local_agent"]
+
+LOCAL = "local"
+
+
+def ensure_local_agent(settings: Settings) -> Endpoint:
+    """Return the live local agent's endpoint, starting one when none is alive."""
+    agent_dir = _agent_dir(settings)
+    with _locked(agent_dir / "lock"):
+        endpoint = local_agent_endpoint(settings)
+        if endpoint is not None:
+            return endpoint
+        return _start(settings, agent_dir)
+
+
+def local_agent_endpoint(settings: Settings) -> Endpoint | None:
+    """The endpoint of a live local agent of this mle version, or None."""
+    agent_dir = settings.local_agent_dir
+    state = _read_state(agent_dir)
+    if state is None or not _is_agent_process(int(state.get("pid", 0))):
+        return None
+    if state.get("version") != __version__:
+        _terminate(int(state["pid"]))  # an agent from another mle version: replace it
+        return None
+    token = (agent_dir / "token").read_text().strip()
+    return Endpoint(name=LOCAL, address=str(state["address"]), token=token)
+
+
+def stop_local_agent(settings: Settings, timeout: float = 30.0) -> bool:
+    """Stop the local agent (it drains first); return whether one was running."""
+    state = _read_state(settings.local_agent_dir)
+    if state is None or not _is_agent_process(int(state.get("pid", 0))):
+        return False
+    _terminate(int(state["pid"]), timeout)
+    return True
+
+
+def _agent_dir(settings: Settings) -> Path:
+    agent_dir = settings.local_agent_dir
+    agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    return agent_dir
+
+
+class _locked:
+    """An exclusive flock on a file, for the duration of a with block."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+def _start(settings: Settings, agent_dir: Path) -> Endpoint:
+    token = secrets.token_urlsafe(32)
+    token_file = agent_dir / "token"
+    token_file.unlink(missing_ok=True)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    config = agent_dir / "agent.toml"
+    config.touch(exist_ok=True)  # the local agent's own config; /etc/mle/agent.toml is for devices
+    state_file = agent_dir / "state.json"
+    state_file.unlink(missing_ok=True)
+    argv = [
+        sys.executable, "-m", "mle_agent",
+        "--name", LOCAL,
+        "--listen", "127.0.0.1:0",
+        "--data-dir", str(agent_dir),
+        "--artifacts-dir", str(settings.artifacts_dir),
+        "--token-file", str(token_file),
+        "--state-file", str(state_file),
+        "--config", str(config),
+    ]  # fmt: skip
+    if settings.local_agent_slots:
+        argv += ["--slots", str(settings.local_agent_slots)]
+    log_path = agent_dir / "agent.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C in the operator's terminal must not reach it
+            cwd=agent_dir,
+        )
+    return _wait_ready(proc, state_file, log_path, token, settings.agent_start_timeout)
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], state_file: Path, log_path: Path, token: str, timeout: float
+) -> Endpoint:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _read_state(state_file.parent)
+        if state is not None and state.get("pid") == proc.pid:
+            return Endpoint(name=LOCAL, address=str(state["address"]), token=token)
+        if proc.poll() is not None:
+            raise AgentUnavailable(
+                f"the local agent failed to start: {_last_line(log_path)} (log: {log_path})"
+            )
+        time.sleep(0.02)
+    proc.terminate()
+    raise AgentUnavailable(f"the local agent did not start within {timeout:.0f}s (log: {log_path})")
+
+
+def _read_state(agent_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((agent_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _is_agent_process(pid: int) -> bool:
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.Error, ValueError):
+        return False
+    return "mle_agent" in cmdline or any(part.endswith("mle-agentd") for part in cmdline)
+
+
+def _terminate(pid: int, timeout: float = 30.0) -> None:
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        proc.kill()
+    except psutil.Error:
+        pass
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"

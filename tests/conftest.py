@@ -1,0 +1,107 @@
+"""Fixtures shared by every layer: an isolated project directory and a way to run `mle` in it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """The installed console script next to this Python, as a user runs it; else `python -m`."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+MLE = console_script("mle", "mle_cli")
+
+
+@dataclass
+class Project:
+    """A throwaway project: its directory and the environment `mle` runs with."""
+
+    root: Path
+    env: dict[str, str]
+
+    def mle(
+        self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `mle ARGS` in the project and return the finished process."""
+        proc = subprocess.run(
+            [*MLE, *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mle {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+        return proc
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        """Start `mle ARGS` without waiting."""
+        return subprocess.Popen(
+            [*MLE, *args],
+            cwd=self.root,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / ".mle" / "ledger.db"
+
+    def local_agent_pid(self) -> int | None:
+        """The pid in the local agent's state file, if any."""
+        try:
+            return int(json.loads((self.root / ".mle/agent/state.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    """A project with a copy of recipes/, its own HOME, and no agent left behind afterwards."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "recipes", root / "recipes")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLE_", "PYTEST_"))}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"))
+    env["PYTHONPATH"] = os.pathsep.join(str(REPO / d) for d in ("cli", "agent", "protos"))
+    proj = Project(root, env)
+    try:
+        yield proj
+    finally:
+        _stop_agents_under(root)
+
+
+def _stop_agents_under(root: Path) -> None:
+    """Kill every agent process whose data dir is inside root (and their task trees)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if "mle_agent" in cmdline and any(str(root) in part for part in cmdline):
+            try:
+                children = proc.children(recursive=True)
+                proc.send_signal(signal.SIGKILL)
+                for child in children:
+                    child.kill()
+            except psutil.Error:
+                pass

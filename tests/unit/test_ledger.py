@@ -1,0 +1,143 @@
+"""The ledger on a real SQLite file: schema, idempotent events, run lookup, the batching writer."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mle_cli.ledger import ArtifactRecord, EventRecord, Ledger, LedgerError, LedgerWriter
+from mle_cli.ledger._schema import SCHEMA_VERSION
+from mle_cli.states import Status
+from mle_proto.errors import FailedPrecondition, NotFound
+
+
+def _run(ledger: Ledger, run_id: str, steps: tuple[str, ...] = ("a", "b")) -> None:
+    ledger.create_run(
+        run_id,
+        recipe="r",
+        source="r.yaml",
+        recipe_digest="sha256:" + "0" * 64,
+        params={"x": 1},
+        steps=[(s, "local", []) for s in steps],
+    )
+
+
+def _event(seq: int, text: str = "line") -> EventRecord:
+    return EventRecord("run1.a.1", seq, "run1", "a", 1.0 + seq, "log", "stdout", None, text)
+
+
+def test_schema_is_created_in_wal_mode_and_versioned(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.db").close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"runs", "steps", "attempts", "events", "artifacts"} <= tables
+
+
+def test_a_ledger_from_a_newer_mle_is_refused(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.db").close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(FailedPrecondition, match="newer than this mle"):
+        Ledger(tmp_path / "l.db")
+
+
+def test_a_file_that_is_not_a_ledger_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "l.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(LedgerError, match=r"cannot open the ledger .*l\.db"):
+        Ledger(tmp_path / "l.db")
+
+
+def test_events_are_idempotent_on_task_and_seq(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    ledger.start_attempt("run1.a.1", "run1", "a", 1, "local", "127.0.0.1:1")
+    ledger.record_events([_event(1, "first"), _event(2)])
+    ledger.record_events([_event(1, "replayed"), _event(2), _event(3)])  # a replay after a reconnect
+    rows = ledger.events("run1.a.1")
+    assert [(r["seq"], r["text"]) for r in rows] == [(1, "first"), (2, "line"), (3, "line")]
+    assert ledger.attempts("run1")[0]["last_seq"] == 3
+
+
+def test_runs_are_found_by_prefix_and_latest(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "20260101-000000-aaaa")
+    _run(ledger, "20260102-000000-bbbb")
+    assert ledger.resolve_run("20260101") == "20260101-000000-aaaa"
+    assert ledger.resolve_run(None) == "20260102-000000-bbbb"
+    with pytest.raises(NotFound, match="ambiguous"):
+        ledger.resolve_run("2026")
+    with pytest.raises(NotFound, match="no run 'nope'"):
+        ledger.resolve_run("nope")
+    with pytest.raises(NotFound, match="no run '2026_1%'"):
+        ledger.resolve_run("2026_1%")  # LIKE wildcards are literal
+
+
+def test_an_abandoned_run_is_closed_with_its_steps_and_attempts(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    ledger.start_attempt("run1.a.1", "run1", "a", 1, "local", "127.0.0.1:1")
+    ledger.update_step("run1", "b", status=Status.SUCCEEDED)
+    ledger.finish_abandoned_run("run1", Status.CANCELLED, "gone")
+    assert ledger.run("run1")["status"] == "cancelled"
+    assert {s["step_id"]: s["status"] for s in ledger.steps("run1")} == {
+        "a": "cancelled",
+        "b": "succeeded",
+    }
+    assert ledger.attempts("run1")[0]["status"] == "cancelled"
+
+
+def test_writer_commits_in_order_and_flush_waits_for_it(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+
+    async def scenario() -> None:
+        writer = LedgerWriter(path)
+        writer.submit(lambda led: _run(led, "run1"))
+        writer.submit(lambda led: led.start_attempt("run1.a.1", "run1", "a", 1, "local", "x"))
+        for seq in range(1, 201):
+            writer.submit(lambda led, s=seq: led.record_events([_event(s)]))
+        writer.submit(
+            lambda led: led.record_artifacts([ArtifactRecord("run1", "a", "o.txt", "sha256:" + "1" * 64, 3)])
+        )
+        await writer.flush()
+        reader = Ledger(path)  # another connection sees everything once flush returns
+        assert [r["seq"] for r in reader.events("run1.a.1")] == list(range(1, 201))
+        assert reader.artifacts("run1")[0]["path"] == "o.txt"
+        reader.close()
+        writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_write_fails_the_next_flush(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        writer = LedgerWriter(tmp_path / "l.db")
+        writer.submit(lambda led: led.update_run("missing-run", status="x"))
+        with pytest.raises(LedgerError, match="ledger write failed: NotFoundError"):
+            await writer.flush()
+        writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_ledger_opens_in_the_sqlite3_cli(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("sqlite3") is None:
+        pytest.skip("the sqlite3 command-line tool is not installed (apt-get install sqlite3)")
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    ledger.close()
+    out = subprocess.run(
+        ["sqlite3", str(tmp_path / "l.db"), "SELECT id, status FROM runs; PRAGMA integrity_check;"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.split() == ["run1|pending", "ok"]
