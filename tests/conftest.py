@@ -84,7 +84,9 @@ def project(tmp_path: Path) -> Iterator[Project]:
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLE_", "PYTEST_"))}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"))
+    env.update(
+        HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config")
+    )
     env["PYTHONPATH"] = os.pathsep.join(str(REPO / d) for d in ("cli", "agent", "protos"))
     proj = Project(root, env)
     try:
@@ -94,14 +96,19 @@ def project(tmp_path: Path) -> Iterator[Project]:
 
 
 def _stop_agents_under(root: Path) -> None:
-    """Kill every agent process whose data dir is inside root (and their task trees)."""
-    for proc in psutil.process_iter(["cmdline"]):
+    """Kill every agent whose data dir is inside root, and every process working inside root."""
+    doomed = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
         cmdline = proc.info.get("cmdline") or []
-        if "mle_agent" in cmdline and any(str(root) in part for part in cmdline):
-            try:
-                children = proc.children(recursive=True)
-                proc.send_signal(signal.SIGKILL)
-                for child in children:
-                    child.kill()
-            except psutil.Error:
-                pass
+        cwd = proc.info.get("cwd") or ""
+        is_agent = "mle_agent" in cmdline and any(str(root) in part for part in cmdline)
+        if is_agent or cwd.startswith(str(root)):
+            doomed.append(proc)
+    for proc in doomed:
+        try:
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(doomed, timeout=10)

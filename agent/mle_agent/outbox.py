@@ -7,16 +7,17 @@ acked them, except the final result, so a late watcher still learns how the task
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from mle_proto.errors import FailedPrecondition
 from mle_proto.v1 import agent_pb2 as pb
 
-__all__ = ["FINAL_STATES", "Outbox", "TaskRow", "state_name"]
+__all__ = ["FINAL_STATES", "Outbox", "State", "TaskRow", "state_name"]
 
-State = pb.TaskState.ValueType
+State: TypeAlias = pb.TaskState.ValueType
 
 FINAL_STATES: frozenset[State] = frozenset(
     {
@@ -52,7 +53,10 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (task_id, seq)
 ) WITHOUT ROWID;
 """
-_COLUMNS = "task_id, run_id, step, spec, state, exit_code, created, finished, last_seq, acked_seq"
+_SELECT = (
+    "SELECT task_id, run_id, step, spec, state, exit_code, created, finished, last_seq, acked_seq "
+    "FROM tasks"
+)
 
 
 def state_name(state: State) -> str:
@@ -154,15 +158,18 @@ class Outbox:
         """Commit a batch of events, and the task's new state when it changed."""
         with self._transaction():
             self._insert_events(task_id, events)
-            sets, args = ["last_seq = ?"], [events[-1].seq]
-            for column, value in (("exit_code", exit_code), ("finished", finished)):
-                if value is not None:
-                    sets.append(f"{column} = ?")
-                    args.append(value)
-            if state is not None:
-                sets.append("state = ?")
-                args.append(state_name(state))  # type: ignore[arg-type]
-            self._db.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE task_id = ?", (*args, task_id))
+            self._db.execute(
+                "UPDATE tasks SET last_seq = ?, state = COALESCE(?, state), "
+                "exit_code = COALESCE(?, exit_code), finished = COALESCE(?, finished) "
+                "WHERE task_id = ?",
+                (
+                    events[-1].seq,
+                    None if state is None else state_name(state),
+                    exit_code,
+                    finished,
+                    task_id,
+                ),
+            )
             if finished is not None:
                 self._prune(task_id)
 
@@ -183,18 +190,16 @@ class Outbox:
 
     def get(self, task_id: str) -> TaskRow | None:
         """One task, or None."""
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
-        return next(_rows(row), None)
+        cursor = self._db.execute(f"{_SELECT} WHERE task_id = ?", (task_id,))
+        return next(_rows(cursor), None)
 
     def tasks(self, run_id: str = "") -> list[TaskRow]:
         """All tasks, or the tasks of one run, oldest first."""
         if run_id:
-            cursor = self._db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE run_id = ? ORDER BY created, task_id",
-                (run_id,),
-            )
+            query = f"{_SELECT} WHERE run_id = ? ORDER BY created, task_id"
+            cursor = self._db.execute(query, (run_id,))
         else:
-            cursor = self._db.execute(f"SELECT {_COLUMNS} FROM tasks ORDER BY created, task_id")
+            cursor = self._db.execute(f"{_SELECT} ORDER BY created, task_id")
         return list(_rows(cursor))
 
     def unfinished(self) -> list[TaskRow]:
@@ -210,7 +215,7 @@ class Outbox:
         return [pb.TaskEvent.FromString(body) for (body,) in cursor]
 
     def ack(self, task_id: str, upto_seq: int) -> int | None:
-        """Record that events up to upto_seq are safe elsewhere; return acked_seq (None: unknown)."""
+        """Record that events up to upto_seq are safe elsewhere; return acked_seq or None."""
         with self._transaction():
             row = self.get(task_id)
             if row is None:
@@ -252,7 +257,7 @@ class _Transaction:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _rows(cursor: sqlite3.Cursor) -> Iterable[TaskRow]:
+def _rows(cursor: sqlite3.Cursor) -> Iterator[TaskRow]:
     for task_id, run_id, step, spec, state, exit_code, created, finished, last, acked in cursor:
         yield TaskRow(
             task_id=task_id,

@@ -1,4 +1,4 @@
-"""Task processes: spawned in their own process group, output read line by line, killed as a tree."""
+"""Task processes: run in their own process group, output read line by line, killed as a tree."""
 
 from __future__ import annotations
 
@@ -32,9 +32,7 @@ def task_command(spec: pb.TaskSpec) -> list[str]:
     return list(spec.argv.args)
 
 
-def task_environment(
-    base: Mapping[str, str], spec: pb.TaskSpec, work_dir: Path
-) -> dict[str, str]:
+def task_environment(base: Mapping[str, str], spec: pb.TaskSpec, work_dir: Path) -> dict[str, str]:
     """The agent's environment minus its own settings, plus the spec's env and the task's ids."""
     env = {k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}
     env.setdefault("PYTHONUNBUFFERED", "1")  # so Python steps stream their lines as they go
@@ -55,7 +53,13 @@ class TaskProcess:
 
     @classmethod
     async def spawn(
-        cls, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], sink: LineSink, max_line: int
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        sink: LineSink,
+        max_line: int,
     ) -> TaskProcess:
         """Start argv in a new session with piped output; raises OSError when it cannot start."""
         loop = asyncio.get_running_loop()
@@ -80,9 +84,7 @@ class TaskProcess:
             os.close(err_w)
         pumps = []
         for fd, stream in ((out_r, pb.LOG_STREAM_STDOUT), (err_r, pb.LOG_STREAM_STDERR)):
-            pump = _LinePump(loop, stream, sink, max_line)
-            await loop.connect_read_pipe(lambda p=pump: p, os.fdopen(fd, "rb", buffering=0))
-            pumps.append(pump)
+            pumps.append(await _attach(loop, fd, _LinePump(loop, stream, sink, max_line)))
         return cls(proc, pumps)
 
     @property
@@ -175,6 +177,11 @@ class _LinePump(asyncio.Protocol):
         line = bytes(self._buffer[:end])
         del self._buffer[:consumed]
         self._sink(self._stream, line.decode("utf-8", errors="replace"))
+
+
+async def _attach(loop: asyncio.AbstractEventLoop, fd: int, pump: _LinePump) -> _LinePump:
+    await loop.connect_read_pipe(lambda: pump, os.fdopen(fd, "rb", buffering=0))
+    return pump
 
 
 def _utf8_boundary(data: bytearray, limit: int) -> int:

@@ -20,7 +20,14 @@ from typing import Any
 
 from mle_proto.errors import UsageError
 
-__all__ = ["DEFAULT_CONFIG", "ENV_PREFIX", "AgentSettings", "build_settings", "split_listen"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ENV_PREFIX",
+    "AgentSettings",
+    "build_settings",
+    "check_listen_security",
+    "split_listen",
+]
 
 DEFAULT_CONFIG = Path("/etc/mle/agent.toml")
 ENV_PREFIX = "MLE_AGENT_"
@@ -146,7 +153,8 @@ def _from_toml(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    return {k: env[f"{ENV_PREFIX}{k.upper()}"] for k in _FIELDS if f"{ENV_PREFIX}{k.upper()}" in env}
+    names = {key: f"{ENV_PREFIX}{key.upper()}" for key in _FIELDS}
+    return {key: env[name] for key, name in names.items() if name in env}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -216,9 +224,20 @@ def _validate(settings: AgentSettings) -> None:
     if settings.slots < 1:
         raise UsageError("invalid slots: must be at least 1")
     if settings.log_level not in _LOG_LEVELS:
-        raise UsageError(f"invalid log_level {settings.log_level!r}: one of {', '.join(_LOG_LEVELS)}")
+        choices = ", ".join(_LOG_LEVELS)
+        raise UsageError(f"invalid log_level {settings.log_level!r}: one of {choices}")
     tls = (settings.tls_cert, settings.tls_key, settings.tls_ca)
     if any(tls) and not all(tls):
         raise UsageError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
     if settings.max_message_bytes < 64 * 1024 or settings.max_log_line < 1:
         raise UsageError("invalid message or log line size limit")
+
+
+def check_listen_security(settings: AgentSettings) -> None:
+    """Refuse a non-loopback listen address without mutual TLS, unless --insecure accepts it."""
+    if settings.is_loopback() or settings.tls or settings.insecure:
+        return
+    raise UsageError(
+        f"refusing to listen on {settings.listen} without TLS; "
+        "give --tls-cert/--tls-key/--tls-ca, or --insecure to accept the risk"
+    )

@@ -50,7 +50,7 @@ def _check_command(spec: pb.TaskSpec) -> None:
 def _check_env(spec: pb.TaskSpec) -> None:
     for key, value in spec.env.items():
         if not _ENV_KEY.fullmatch(key):
-            raise InvalidInput(f"task {spec.task_id}: invalid environment variable name {key[:80]!r}")
+            raise InvalidInput(f"task {spec.task_id}: invalid environment variable {key[:80]!r}")
         if "\x00" in value:
             raise InvalidInput(f"task {spec.task_id}: environment variable {key} contains a NUL")
 

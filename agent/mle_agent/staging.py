@@ -81,20 +81,20 @@ def _check_directory(directory: Path, path: str) -> None:
     except FileNotFoundError:
         raise OutputError(f"declared output '{path}' was not produced") from None
     if stat.S_ISLNK(mode):
-        raise OutputError(f"output '{path}' goes through a symlink; outputs must stay in the work dir")
+        raise OutputError(f"output '{path}' goes through a symlink out of the work dir")
     if not stat.S_ISDIR(mode):
         raise OutputError(f"declared output '{path}' was not produced")
 
 
 def _open_regular(file: Path, path: str) -> int:
-    # O_NOFOLLOW: a symlink fails with ELOOP instead of being read; O_NONBLOCK: a FIFO cannot hang us.
+    # O_NOFOLLOW: a symlink fails with ELOOP instead of being read; O_NONBLOCK: a FIFO cannot block.
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise OutputError(f"declared output '{path}' was not produced") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise OutputError(f"output '{path}' is a symlink; outputs must be regular files") from None
+            raise OutputError(f"output '{path}' is a symlink, not a regular file") from None
         raise OutputError(f"output '{path}' cannot be read: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

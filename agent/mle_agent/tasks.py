@@ -23,7 +23,7 @@ from mle_agent.events import TaskEvents
 from mle_agent.outbox import Outbox, State, state_name
 from mle_agent.runner import TaskProcess, kill_stale_group, task_command, task_environment
 from mle_agent.settings import AgentSettings
-from mle_agent.specs import validate_spec, validate_task_id
+from mle_agent.specs import validate_spec
 from mle_agent.staging import (
     OutputError,
     StagingError,

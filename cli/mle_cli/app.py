@@ -77,7 +77,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the one boundary that catches everything
         path = _write_debug_log()
         sys.stderr.write(f"internal error: an unexpected problem occurred; details in {path}\n")
         sys.exit(70)

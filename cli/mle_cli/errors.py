@@ -1,9 +1,9 @@
 """Operator-side errors, extending the shared tree in `mle_proto.errors`.
 
-    MleError (mle_proto.errors)
-    ├── ... shared classes (UsageError, NotFound, AgentUnavailable, ...)
-    ├── RecipeError        exit 3   a recipe that does not compile, located at file:line:col
-    └── RunFailed          exit 10  a run ended with a failed step
+MleError (mle_proto.errors)
+├── ... shared classes (UsageError, NotFound, AgentUnavailable, ...)
+├── RecipeError        exit 3   a recipe that does not compile, located at file:line:col
+└── RunFailed          exit 10  a run ended with a failed step
 """
 
 from __future__ import annotations

@@ -159,8 +159,7 @@ class LiveProgress:
     def __init__(self, step_ids: Iterable[str], title: str) -> None:
         self._title = title
         self._rows: dict[str, dict[str, Any]] = {
-            s: {"status": Status.PENDING, "detail": "", "last": "", "since": None}
-            for s in step_ids
+            s: {"status": Status.PENDING, "detail": "", "last": "", "since": None} for s in step_ids
         }
         self._live: Live | None = None
 
@@ -211,7 +210,9 @@ class LiveProgress:
             elapsed = row.get("elapsed")
             if row["status"] == Status.RUNNING and row["since"] is not None:
                 elapsed = time.monotonic() - row["since"]
-            detail = row["last"] if row["status"] == Status.RUNNING and row["last"] else row["detail"]
+            detail = (
+                row["last"] if row["status"] == Status.RUNNING and row["last"] else row["detail"]
+            )
             table.add_row(
                 escape(step_id),
                 styled_status(row["status"]),
@@ -227,7 +228,9 @@ def print_plan(plan: Mapping[str, Any]) -> None:
 
     console = stdout_console()
     params = ", ".join(f"{k}={v}" for k, v in plan["params"].items()) or "none"
-    console.print(f"[bold]{escape(plan['name'])}[/] ({escape(plan['source'])}) params: {escape(params)}")
+    console.print(
+        f"[bold]{escape(plan['name'])}[/] ({escape(plan['source'])}) params: {escape(params)}"
+    )
     for f in plan["files"]:
         console.print(f"  ships {escape(f['path'])} ({f['size']} bytes)")
     for step in plan["steps"]:
@@ -269,12 +272,15 @@ def print_run(run: Mapping[str, Any]) -> None:
     console = stdout_console()
     console.print(
         f"[bold]run {escape(run['id'])}[/] {escape(run['recipe'])} ({escape(run['source'])}) "
-        f"{styled_status(run['status'])} in {duration(run['duration'])}, started {ago(run['started'])}"
+        f"{styled_status(run['status'])} in {duration(run['duration'])}, "
+        f"started {ago(run['started'])}"
     )
     if run.get("message"):
         console.print(f"  {escape(run['message'])}")
     if run["params"]:
-        console.print("  params: " + escape(", ".join(f"{k}={v}" for k, v in run["params"].items())))
+        console.print(
+            "  params: " + escape(", ".join(f"{k}={v}" for k, v in run["params"].items()))
+        )
     rows = [
         {
             "step": s["step_id"],

@@ -87,9 +87,13 @@ async def execute_plan(
         )
         driving = asyncio.create_task(scheduler.run())
         detached = asyncio.Event()
+
+        def detach() -> None:
+            detached.set()
+            driving.cancel()
+
         if control is not None:
-            control.cancel = scheduler.cancel
-            control.detach = lambda: (detached.set(), driving.cancel())  # type: ignore[func-returns-value]
+            control.cancel, control.detach = scheduler.cancel, detach
         watcher = asyncio.create_task(_watch_cancel_requests(settings, run_id, scheduler))
         try:
             return await driving

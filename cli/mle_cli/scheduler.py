@@ -99,7 +99,7 @@ class Scheduler:
         self._progress = progress
         self._watch_grace = watch_grace
         self._steps = {s.id: StepOutcome(s.id, target=s.target) for s in plan.steps}
-        self._cancel_reason: str | None = None
+        self._cancel_reason = ""
         self._cancelled = asyncio.Event()
         self._running: dict[str, tuple[Executor, str]] = {}  # step -> (executor, task id)
         self._background: set[asyncio.Task[None]] = set()
@@ -111,7 +111,7 @@ class Scheduler:
 
     def cancel(self, reason: str) -> None:
         """Cancel the run: running tasks are killed, pending steps never start."""
-        if self._cancel_reason is None:
+        if not self._cancelled.is_set():
             self._cancel_reason = reason
             self._cancelled.set()
 
@@ -143,7 +143,7 @@ class Scheduler:
     # -- the DAG ----------------------------------------------------------------------------------
 
     def _ready(self, tasks: Mapping[str, asyncio.Task[None]]) -> list[Step]:
-        if self._cancel_reason is not None:
+        if self._cancelled.is_set():
             return []
         return [
             step
@@ -158,13 +158,15 @@ class Scheduler:
             outcome = self._steps[step.id]
             if outcome.status != Status.PENDING:
                 continue
-            if self._cancel_reason is not None:
+            if self._cancelled.is_set():
                 self._set_status(outcome, Status.CANCELLED, self._cancel_reason)
                 continue
             blocked = [n for n in step.needs if self._steps[n].status in FINAL - {Status.SUCCEEDED}]
             if blocked:
                 need = self._steps[blocked[0]]
-                self._set_status(outcome, Status.SKIPPED, f"needs {need.step_id}, which {need.status}")
+                self._set_status(
+                    outcome, Status.SKIPPED, f"needs {need.step_id}, which {need.status}"
+                )
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class Scheduler:
                 if isinstance(e, RecipeError):
                     self._finish_step(outcome, result)
                     return
-            if result.status == Status.SUCCEEDED or self._cancel_reason is not None:
+            if result.status == Status.SUCCEEDED or self._cancelled.is_set():
                 break
             if result.status == Status.CANCELLED or attempt > step.retries.max:
                 break
@@ -212,7 +214,7 @@ class Scheduler:
         task_id = f"{self.run_id}.{step.id}.{attempt}"
         request = self._request(step, executor, attempt, task_id, inputs)
         async with executor.slot():
-            if self._cancel_reason is not None:
+            if self._cancelled.is_set():
                 return TaskUpdate(0, time.time(), "result", Status.CANCELLED, text="cancelled")
             await executor.ship(inputs.values(), self._store)
             outcome.attempts, outcome.target = attempt, executor.name
@@ -227,7 +229,7 @@ class Scheduler:
             await executor.start(request)
             self._running[step.id] = (executor, task_id)
             try:
-                if self._cancel_reason is not None:  # cancelled while the task was starting
+                if self._cancelled.is_set():  # cancelled while the task was starting
                     await executor.cancel(task_id, self._cancel_reason)
                 result = await self._follow(step, executor, task_id)
             finally:
@@ -343,7 +345,7 @@ class Scheduler:
 
     async def _cancel_running(self) -> None:
         await self._cancelled.wait()
-        reason = self._cancel_reason or "cancelled"
+        reason = self._cancel_reason
         for executor, task_id in list(self._running.values()):
             try:
                 await executor.cancel(task_id, reason)
@@ -369,13 +371,17 @@ class Scheduler:
 
     async def _finish(self, started: float) -> RunOutcome:
         statuses = {s.status for s in self._steps.values()}
-        if self._cancel_reason is not None:
+        if self._cancelled.is_set():
             status, message = Status.CANCELLED, self._cancel_reason
         elif statuses <= {Status.SUCCEEDED}:
             status, message = Status.SUCCEEDED, ""
         else:
             status = Status.FAILED
-            bad = [s for s in self._steps.values() if s.status not in (Status.SUCCEEDED, Status.SKIPPED)]
+            bad = [
+                s
+                for s in self._steps.values()
+                if s.status not in (Status.SUCCEEDED, Status.SKIPPED)
+            ]
             message = f"step {bad[0].step_id} {bad[0].status}" if bad else "steps were skipped"
         finished = time.time()
         self._write(

@@ -157,8 +157,8 @@ def error_for_status(status: str) -> type[MleError]:
 
 def from_rpc_error(error: grpc.RpcError, *, agent: str = "") -> MleError:
     """Translate a grpc.RpcError into the shared tree, naming the agent when known."""
-    code = error.code()  # type: ignore[attr-defined]
-    details = error.details() or code.name.lower()  # type: ignore[attr-defined]
+    code = error.code()
+    details = error.details() or code.name.lower()
     where = f"agent {agent}: " if agent else ""
     if code.name == "UNAVAILABLE":
         return AgentUnavailable(f"{where}unreachable ({details})")

@@ -18,7 +18,13 @@ from typing import BinaryIO
 
 from mle_proto.errors import InvalidInput, NotFound
 
-__all__ = ["ArtifactStore", "PendingArtifact", "check_relative_path", "file_digest", "parse_digest"]
+__all__ = [
+    "ArtifactStore",
+    "PendingArtifact",
+    "check_relative_path",
+    "file_digest",
+    "parse_digest",
+]
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 CHUNK = 1024 * 1024

@@ -14,9 +14,22 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = {"mle_cli": REPO / "cli/mle_cli", "mle_agent": REPO / "agent/mle_agent", "mle_proto": REPO / "protos/mle_proto"}
+PACKAGES = {
+    "mle_cli": REPO / "cli/mle_cli",
+    "mle_agent": REPO / "agent/mle_agent",
+    "mle_proto": REPO / "protos/mle_proto",
+}
 FORBIDDEN = {
-    "mle_agent": {"mle_cli", "typer", "rich", "paramiko", "sqlite_utils", "yaml", "jinja2", "pydantic"},
+    "mle_agent": {
+        "mle_cli",
+        "typer",
+        "rich",
+        "paramiko",
+        "sqlite_utils",
+        "yaml",
+        "jinja2",
+        "pydantic",
+    },
     "mle_cli": {"mle_agent"},
     "mle_proto": {"mle_cli", "mle_agent", "typer", "rich", "sqlite_utils"},
 }
@@ -59,7 +72,16 @@ except SystemExit:
     pass
 print(json.dumps(sorted(sys.modules)))
 """
-HEAVY = {"grpc", "paramiko", "zeroconf", "onnxruntime", "sqlite_utils", "ai_edge_litert", "jinja2", "yaml"}
+HEAVY = {
+    "grpc",
+    "paramiko",
+    "zeroconf",
+    "onnxruntime",
+    "sqlite_utils",
+    "ai_edge_litert",
+    "jinja2",
+    "yaml",
+}
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["agent", "--help"]])
@@ -76,7 +98,9 @@ def test_every_command_has_help_with_an_example() -> None:
     def walk(command: object, path: str) -> list[tuple[str, str]]:
         subcommands = getattr(command, "commands", None)
         if subcommands:
-            return [pair for name, sub in subcommands.items() for pair in walk(sub, f"{path} {name}")]
+            return [
+                pair for name, sub in subcommands.items() for pair in walk(sub, f"{path} {name}")
+            ]
         return [(path, getattr(command, "help", "") or "")]
 
     commands = walk(get_command(app), "mle")
@@ -110,5 +134,7 @@ def test_dependency_floors_equal_the_generator_versions() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"protobuf>={protobuf_version.group(1)}" in deps
     assert f"grpcio>={grpc_version.group(1)}" in deps
-    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "dev"
+    ]
     assert f"grpcio-tools=={grpc_version.group(1)}" in dev

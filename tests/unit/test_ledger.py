@@ -59,7 +59,9 @@ def test_events_are_idempotent_on_task_and_seq(tmp_path: Path) -> None:
     _run(ledger, "run1")
     ledger.start_attempt("run1.a.1", "run1", "a", 1, "local", "127.0.0.1:1")
     ledger.record_events([_event(1, "first"), _event(2)])
-    ledger.record_events([_event(1, "replayed"), _event(2), _event(3)])  # a replay after a reconnect
+    ledger.record_events(
+        [_event(1, "replayed"), _event(2), _event(3)]
+    )  # a replay after a reconnect
     rows = ledger.events("run1.a.1")
     assert [(r["seq"], r["text"]) for r in rows] == [(1, "first"), (2, "line"), (3, "line")]
     assert ledger.attempts("run1")[0]["last_seq"] == 3
@@ -103,7 +105,9 @@ def test_writer_commits_in_order_and_flush_waits_for_it(tmp_path: Path) -> None:
         for seq in range(1, 201):
             writer.submit(lambda led, s=seq: led.record_events([_event(s)]))
         writer.submit(
-            lambda led: led.record_artifacts([ArtifactRecord("run1", "a", "o.txt", "sha256:" + "1" * 64, 3)])
+            lambda led: led.record_artifacts(
+                [ArtifactRecord("run1", "a", "o.txt", "sha256:" + "1" * 64, 3)]
+            )
         )
         await writer.flush()
         reader = Ledger(path)  # another connection sees everything once flush returns

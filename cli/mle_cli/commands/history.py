@@ -78,7 +78,9 @@ def logs(
     ctx: typer.Context,
     run: RunArg = None,
     step: Annotated[str | None, typer.Argument(help="Only this step.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Print the log lines of a run, or of one step.
@@ -108,7 +110,9 @@ def _print_log(row: dict[str, object], json_out: bool, prefix: bool) -> None:
     sys.stdout.flush()
 
 
-def cancel(ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run id or prefix.")]) -> None:
+def cancel(
+    ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run id or prefix.")]
+) -> None:
     """Cancel a run: its running tasks are killed, its pending steps never start.
 
     Example: mle cancel 20261122-1530
@@ -125,5 +129,3 @@ def register(app: typer.Typer) -> None:
     """Add the commands to the app."""
     for command in (runs, show, logs, cancel):
         app.command()(command)
-
-

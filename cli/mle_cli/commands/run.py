@@ -42,7 +42,9 @@ def run(
     report_outcome(outcome, settings, json_out=json_out)
 
 
-def plan(ctx: typer.Context, recipe: RecipeArg, param: ParamOpt = None, json_out: JsonOpt = False) -> None:
+def plan(
+    ctx: typer.Context, recipe: RecipeArg, param: ParamOpt = None, json_out: JsonOpt = False
+) -> None:
     """Show what a recipe would run, where, and in which order; runs nothing.
 
     Example: mle plan recipes/hello.yaml

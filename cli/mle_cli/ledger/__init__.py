@@ -1,4 +1,4 @@
-"""The operator's SQLite ledger: the source of truth for runs, steps, attempts, events, artifacts."""
+"""The operator's SQLite ledger: source of truth for runs, steps, attempts, events, artifacts."""
 
 from __future__ import annotations
 

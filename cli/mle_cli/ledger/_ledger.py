@@ -93,7 +93,7 @@ class Ledger:
     ) -> None:
         """Record a new run and its steps (id, target, needs), all pending."""
         now = time.time()
-        self.db["runs"].insert(
+        self.db.table("runs").insert(
             {
                 "id": run_id,
                 "recipe": recipe,
@@ -104,7 +104,7 @@ class Ledger:
                 "created": now,
             }
         )
-        self.db["steps"].insert_all(
+        self.db.table("steps").insert_all(
             {
                 "run_id": run_id,
                 "step_id": step_id,
@@ -118,18 +118,18 @@ class Ledger:
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Set fields of a run (status, started, finished, message...)."""
-        self.db["runs"].update(run_id, fields)
+        self.db.table("runs").update(run_id, fields)
 
     def update_step(self, run_id: str, step_id: str, **fields: Any) -> None:
         """Set fields of a step."""
-        self.db["steps"].update((run_id, step_id), fields)
+        self.db.table("steps").update((run_id, step_id), fields)
 
     def start_attempt(
         self, task_id: str, run_id: str, step_id: str, attempt: int, agent: str, address: str
     ) -> None:
         """Record that an attempt is being dispatched to an agent."""
         now = time.time()
-        self.db["attempts"].upsert(
+        self.db.table("attempts").upsert(
             {
                 "task_id": task_id,
                 "run_id": run_id,
@@ -150,7 +150,7 @@ class Ledger:
 
     def update_attempt(self, task_id: str, **fields: Any) -> None:
         """Set fields of an attempt."""
-        self.db["attempts"].update(task_id, fields)
+        self.db.table("attempts").update(task_id, fields)
 
     def record_events(self, events: Iterable[EventRecord]) -> None:
         """Insert events; a (task_id, seq) already recorded is ignored (idempotent replay)."""
@@ -172,7 +172,7 @@ class Ledger:
     def record_artifacts(self, artifacts: Iterable[ArtifactRecord]) -> None:
         """Record the declared outputs of a step."""
         now = time.time()
-        self.db["artifacts"].upsert_all(
+        self.db.table("artifacts").upsert_all(
             (
                 {
                     "run_id": a.run_id,
@@ -304,4 +304,3 @@ class Ledger:
     def events(self, task_id: str) -> list[Row]:
         """Every event of one attempt, by seq."""
         return list(self.db.query("SELECT * FROM events WHERE task_id = ? ORDER BY seq", [task_id]))
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -51,7 +52,7 @@ class LedgerWriter:
     def _loop(self) -> None:
         try:
             ledger = Ledger(self._ledger_path)
-        except BaseException as e:  # reported by the constructor
+        except BaseException as e:  # noqa: BLE001 - re-raised by the constructor
             self._error = e
             self._ready.set()
             return
@@ -92,7 +93,5 @@ class LedgerWriter:
             else:
                 future.set_result(None)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             future.get_loop().call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass

@@ -41,7 +41,7 @@ def resolve_params(
     for name, current in params.items():
         if current is None:
             message = f"param {name!r} is required; pass it with -p {name}=VALUE"
-            raise doc.error(("params", name), message)
+            raise doc.error(("params", name), message, at_key=True)
     return params
 
 

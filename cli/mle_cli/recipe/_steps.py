@@ -254,4 +254,4 @@ def _target(doc: Document, path: KeyPath, value: object) -> str:
     """Placement: a string (`local`, a target name, a glob); the scheduler resolves it."""
     if isinstance(value, dict):
         raise doc.error(path, f"placement by names and labels {NOT_YET}; use a target name")
-    return expect_str(doc, path, value, "a target name, e.g. local")
+    return expect_str(doc, path, value, "a target name (e.g. local)")

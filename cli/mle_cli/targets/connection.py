@@ -18,7 +18,7 @@ from mle_cli.executor import OutputFile, TaskRequest, TaskUpdate
 from mle_cli.targets._endpoint import Endpoint
 from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
 from mle_proto.errors import FailedPrecondition, from_rpc_error
-from mle_proto.store import CHUNK, ArtifactStore
+from mle_proto.store import ArtifactStore
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as rpc
 
@@ -75,12 +75,18 @@ class AgentConnection:
 
     async def info(self) -> pb.AgentInfo:
         """The agent's facts."""
-        return await self._call(lambda: self._agent.GetInfo(pb.GetInfoRequest(), **self._opts()))
+        return await self._call(
+            lambda: self._agent.GetInfo(
+                pb.GetInfoRequest(), metadata=self._metadata, timeout=self._timeout
+            )
+        )
 
     async def start(self, request: TaskRequest) -> None:
         """Start a task; a repeated call for the same task id is harmless."""
         spec = _task_spec(request)
-        await self._call(lambda: self._agent.StartTask(spec, **self._opts()))
+        await self._call(
+            lambda: self._agent.StartTask(spec, metadata=self._metadata, timeout=self._timeout)
+        )
 
     async def watch(self, task_id: str, after_seq: int) -> AsyncIterator[TaskUpdate]:
         """Stream the task's events after after_seq until its result."""
@@ -97,12 +103,16 @@ class AgentConnection:
     async def cancel(self, task_id: str, reason: str) -> None:
         """Kill a task's process tree."""
         request = pb.CancelTaskRequest(task_id=task_id, reason=reason)
-        await self._call(lambda: self._agent.CancelTask(request, **self._opts()))
+        await self._call(
+            lambda: self._agent.CancelTask(request, metadata=self._metadata, timeout=self._timeout)
+        )
 
     async def ack(self, task_id: str, upto_seq: int) -> None:
         """Let the agent prune events the ledger holds."""
         request = pb.AckRequest(task_id=task_id, upto_seq=upto_seq)
-        await self._call(lambda: self._agent.Ack(request, **self._opts()))
+        await self._call(
+            lambda: self._agent.Ack(request, metadata=self._metadata, timeout=self._timeout)
+        )
 
     async def missing(self, digests: Iterable[str]) -> list[str]:
         """Which of these artifacts the agent lacks."""
@@ -110,7 +120,9 @@ class AgentConnection:
         if not wanted:
             return []
         request = pb.StatRequest(digests=wanted)
-        reply = await self._call(lambda: self._artifacts.Stat(request, **self._opts()))
+        reply = await self._call(
+            lambda: self._artifacts.Stat(request, metadata=self._metadata, timeout=self._timeout)
+        )
         return [a.digest for a in reply.artifacts if not a.present]
 
     async def ship(self, digests: Iterable[str], store: ArtifactStore) -> None:
@@ -127,7 +139,7 @@ class AgentConnection:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def _put(self, digest: str, size: int, store: ArtifactStore) -> pb.PutResponse:
         async def chunks() -> AsyncIterator[pb.PutChunk]:
@@ -135,7 +147,7 @@ class AgentConnection:
             for data in store.iter_chunks(digest):
                 yield pb.PutChunk(data=data)
 
-        return await self._artifacts.Put(chunks(), metadata=self._metadata)  # type: ignore[no-any-return]
+        return await self._artifacts.Put(chunks(), metadata=self._metadata)
 
     async def _get(self, digest: str, store: ArtifactStore) -> None:
         with store.writer(digest) as pending:
@@ -144,9 +156,6 @@ class AgentConnection:
             ):
                 pending.write(chunk.data)
             pending.commit()
-
-    def _opts(self) -> dict[str, object]:
-        return {"metadata": self._metadata, "timeout": self._timeout}
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -206,5 +215,9 @@ def _task_update(event: pb.TaskEvent) -> TaskUpdate:
             outputs=outputs,
         )
     return TaskUpdate(
-        event.seq, event.time, "state", state=_state_name(event.state.state), text=event.state.message
+        event.seq,
+        event.time,
+        "state",
+        state=_state_name(event.state.state),
+        text=event.state.message,
     )

@@ -1,0 +1,207 @@
+"""`mle-agentd`: the agent daemon's command line, lifecycle and signals.
+
+Errors a user can fix are one line on stderr and a non-zero exit; SIGTERM/SIGINT drain: no new
+tasks, health NOT_SERVING, running tasks get `--drain-timeout` seconds, then the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mle_agent.server import create_server
+from mle_agent.settings import (
+    DEFAULT_CONFIG,
+    AgentSettings,
+    build_settings,
+    check_listen_security,
+    split_listen,
+)
+from mle_agent.tasks import TaskManager
+from mle_proto import PROTO_VERSION, __version__
+from mle_proto.errors import MleError
+
+__all__ = ["build_parser", "main", "run_agent", "state_file_content"]
+
+log = logging.getLogger("mle_agent")
+PROG = "mle-agentd"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the daemon until it is told to stop; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = build_settings(vars(args), os.environ, args.config)
+        check_listen_security(settings)
+    except MleError as exc:
+        return _fail(exc)
+    _configure_logging(settings.log_level)
+    try:
+        return asyncio.run(run_agent(settings))
+    except MleError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:  # before the signal handlers were in place
+        return 130
+    except Exception:
+        log.exception("internal error")
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mle-agentd` flags; every default is None so lower layers show through."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The mle agent: runs pipeline steps and serves their artifacts over gRPC.",
+        epilog=f"example: {PROG} --name pi-01 --labels role=edge --listen 0.0.0.0:7443 "
+        "--tls-cert agent.crt --tls-key agent.key --tls-ca ca.crt",
+    )
+    add = parser.add_argument
+    add("--version", action="version", version=f"{PROG} {__version__} (protocol {PROTO_VERSION})")
+    add("--config", type=Path, help=f"TOML settings file (default {DEFAULT_CONFIG}, if present)")
+    add("--name", help="agent name (default: the hostname)")
+    add("--labels", help="labels as k=v,k=v")
+    add("--listen", help="HOST:PORT to listen on (default 127.0.0.1:7443; port 0 picks one)")
+    add("--data-dir", help="outbox, work dirs and artifacts (default ~/.local/share/mle-agent)")
+    add("--artifacts-dir", help="artifact store root (default <data-dir>/artifacts)")
+    add("--slots", type=int, help="tasks run at once (default: the cpu count)")
+    add("--token-file", help="file with the bearer token every call must carry")
+    add("--tls-cert", help="server certificate (PEM) for mutual TLS")
+    add("--tls-key", help="server private key (PEM)")
+    add("--tls-ca", help="CA certificate (PEM) that client certificates must chain to")
+    add("--insecure", action="store_true", default=None, help="allow non-loopback without TLS")
+    add("--state-file", help="write pid, address and port here (JSON, 0600) once listening")
+    add("--drain-timeout", type=float, help="seconds tasks get to finish on SIGTERM (default 30)")
+    add("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (default 2)")
+    add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    parser.set_defaults(config=None)
+    return parser
+
+
+async def run_agent(settings: AgentSettings) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and stop; return the exit status."""
+    manager = TaskManager.open(settings)
+    try:
+        server, port = await create_server(settings, manager)
+    except BaseException:
+        manager.close()
+        raise
+    stop = asyncio.Event()
+    _install_signal_handlers(stop, manager)
+    try:
+        await server.start()
+        await _announce(settings, manager, port)
+        await stop.wait()
+        log.info("draining: no new tasks; up to %gs for running ones", settings.drain_timeout)
+        await manager.drain(settings.drain_timeout)
+        await server.stop(settings.shutdown_grace)
+    finally:
+        _remove_signal_handlers()
+        await manager.drain(0)
+        await server.stop(None)
+        manager.close()
+        _remove_state_file(settings.state_file)
+    log.info("stopped")
+    return 0
+
+
+def state_file_content(settings: AgentSettings, manager: TaskManager, port: int) -> dict[str, Any]:
+    """What the state file says: enough for the operator to connect, and no secret."""
+    return {
+        "pid": os.getpid(),
+        "address": _address(settings, port),
+        "port": port,
+        "name": settings.name,
+        "boot_id": manager.boot_id,
+        "version": __version__,
+        "proto": PROTO_VERSION,
+    }
+
+
+async def _announce(settings: AgentSettings, manager: TaskManager, port: int) -> None:
+    address = _address(settings, port)
+    if settings.state_file:
+        _write_state_file(settings.state_file, state_file_content(settings, manager, port))
+    log.info("listening on %s", address)
+    if settings.insecure and not settings.tls:
+        log.warning(
+            "INSECURE: listening on %s without TLS (--insecure): anyone who can reach this port "
+            "can run commands on this machine",
+            address,
+        )
+    if settings.is_loopback() and not settings.token_file and not settings.tls:
+        log.warning(
+            "no --token-file: any local user can run commands as this user through %s", address
+        )
+
+
+def _address(settings: AgentSettings, port: int) -> str:
+    host, _ = split_listen(settings.listen)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _write_state_file(path: Path, content: dict[str, Any]) -> None:
+    """Write atomically (temp file, then rename) with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_state_file(path: Path | None) -> None:
+    """Remove the state file if it is still ours (another agent may have taken it over)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+            path.unlink()
+
+
+def _install_signal_handlers(stop: asyncio.Event, manager: TaskManager) -> None:
+    loop = asyncio.get_running_loop()
+    hurry: set[asyncio.Task[None]] = set()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s received: shutting down", sig.name)
+            stop.set()
+        elif not hurry:
+            log.warning("%s received again: stopping running tasks now", sig.name)
+            hurry.add(loop.create_task(manager.drain(0)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpc's own logger is chatty at INFO about benign connection events.
+    logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))
+
+
+def _fail(exc: MleError) -> int:
+    print(f"{PROG}: error: {exc.message}", file=sys.stderr)  # noqa: T201 - the one error boundary
+    return exc.exit_code

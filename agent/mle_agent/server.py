@@ -1,0 +1,167 @@
+"""The agent's gRPC server: services, health, bearer-token auth, TLS, message limits.
+
+`create_server` builds and binds the server without starting it, so tests (and the embedded local
+agent) can bind port 0 and learn the port.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from mle_agent.servicers import AgentServicer, ArtifactsServicer
+from mle_agent.settings import AgentSettings, check_listen_security, split_listen
+from mle_agent.tasks import TaskManager
+from mle_proto import AUTH_METADATA_KEY
+from mle_proto.errors import MleError, UsageError
+from mle_proto.v1 import agent_pb2_grpc as pb_grpc
+
+__all__ = ["SERVICE_NAMES", "UNAUTHENTICATED_MESSAGE", "create_server", "read_token"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = ("mle.v1.Agent", "mle.v1.Artifacts")
+UNAUTHENTICATED_MESSAGE = "missing or wrong token"
+Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+async def create_server(
+    settings: AgentSettings, manager: TaskManager
+) -> tuple[grpc.aio.Server, int]:
+    """Build the server with every service registered and bind it; return it and its port."""
+    check_listen_security(settings)
+    token = read_token(settings.token_file) if settings.token_file else None
+    credentials = _server_credentials(settings) if settings.tls else None
+    host, port = split_listen(settings.listen)
+    if port:
+        _probe(host, port, settings.listen)
+    interceptors = [_TokenAuth(token)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
+    pb_grpc.add_AgentServicer_to_server(AgentServicer(manager), server)
+    pb_grpc.add_ArtifactsServicer_to_server(ArtifactsServicer(manager.store), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for service in ("", *SERVICE_NAMES):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    manager.on_drain(health.enter_graceful_shutdown)
+    return server, _bind(server, settings.listen, credentials)
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in a file (surrounding whitespace ignored); raise UsageError if unusable."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read token file {path}: {reason}") from None
+    if not token:
+        raise UsageError(f"token file {path} is empty")
+    if path.stat().st_mode & 0o077:
+        log.warning("token file %s is readable by other users; chmod 600 it", path)
+    return token
+
+
+def _options(settings: AgentSettings) -> list[tuple[str, Any]]:
+    limit = settings.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),  # a second agent on a busy port must fail, not share it
+    ]
+
+
+def _server_credentials(settings: AgentSettings) -> grpc.ServerCredentials:
+    def read(path: Path | None) -> bytes:
+        assert path is not None  # settings validation requires all three
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read TLS file {path}: {exc.strerror}") from None
+
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=read(settings.tls_ca),
+        require_client_auth=True,
+    )
+
+
+def _probe(host: str, port: int, listen: str) -> None:
+    """Bind the address ourselves first: grpc's own failure is a multi-line C++ log."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise MleError(f"cannot listen on {listen}: {reason}") from None
+
+
+def _bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise MleError(f"cannot listen on {listen}: the address cannot be bound")
+    return port
+
+
+class _TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Every call, health checks included, must carry `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        """Pass authorized calls on; answer the others UNAUTHENTICATED."""
+        handler = await continuation(handler_call_details)
+        if handler is None or self._authorized(handler_call_details):
+            return handler
+        return _denied(handler)
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == AUTH_METADATA_KEY:
+                given = value if isinstance(value, bytes) else str(value).encode()
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+
+async def _deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+def _denied(handler: Handler) -> Handler:
+    """A handler of the same shape as `handler` that only refuses."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make: Callable[..., Handler] = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        _deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
