@@ -11,7 +11,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("mle.v1.Agent", "mle.v1.Artifacts")
 UNAUTHENTICATED_MESSAGE = "missing or wrong token"
-Handler = grpc.RpcMethodHandler[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 async def create_server(

@@ -11,7 +11,7 @@ import functools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 import psutil
@@ -27,7 +27,7 @@ __all__ = ["AgentServicer", "ArtifactsServicer"]
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")

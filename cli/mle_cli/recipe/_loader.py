@@ -323,8 +323,8 @@ class _Converter:
             # Merge keys are rejected: they hide where a value came from, and errors could not
             # point at the line the user has to change.
             raise self._error(node, path, "merge keys ('<<') are not supported; write the keys out")
+        if node.tag not in _TAGS_BY_KIND.get(type(node), ()):
+            raise self._error(node, path, f"unsupported YAML tag {_display(node.tag)!r}")
         if not isinstance(node, ScalarNode):
             raise self._error(node, path, "mapping keys must be plain strings")
-        if node.tag not in _SCALAR_TAGS:
-            raise self._error(node, path, f"unsupported YAML tag {_display(node.tag)!r}")
         return str(node.value)

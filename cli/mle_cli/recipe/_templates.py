@@ -7,7 +7,7 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from jinja2 import StrictUndefined, TemplateSyntaxError
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
@@ -139,9 +139,20 @@ def _quoted(value: object) -> str:
     return shlex.quote(_text(value))
 
 
+class _Sandbox(SandboxedEnvironment):
+    """The Jinja sandbox, with messages that name the refused attribute and no internals."""
+
+    def unsafe_undefined(self, obj: object, attribute: str) -> Undefined:
+        """Refuse an unsafe attribute; on an already undefined value keep the first problem."""
+        if isinstance(obj, Undefined):
+            return obj
+        hint = f"access to attribute {attribute!r} is not allowed in templates"
+        return self.undefined(hint, obj=obj, name=attribute, exc=SecurityError)
+
+
 @functools.cache
 def _environment(quote: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+    return _Sandbox(
         undefined=_StrictUndefined,
         autoescape=False,
         finalize=_quoted if quote else _text,
@@ -158,9 +169,7 @@ def _render(text: str, context: Mapping[str, object], *, quote: bool) -> str:
     except TemplateSyntaxError as exc:
         line = f" (line {exc.lineno} of the template)" if "\n" in text.strip() else ""
         raise _TemplateProblem(f"invalid template: {exc.message}{line}") from None
-    except SecurityError as exc:
-        raise _TemplateProblem(f"not allowed in a template: {exc}") from None
-    except UndefinedError as exc:
+    except (SecurityError, UndefinedError) as exc:
         raise _TemplateProblem(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - templates are user code: any failure is the recipe's
         raise _TemplateProblem(f"template failed: {type(exc).__name__}: {exc}") from None

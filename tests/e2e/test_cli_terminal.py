@@ -1,0 +1,86 @@
+"""`mle run` on a real terminal (a pty): the live progress table and the Ctrl-C prompt."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pexpect
+import pytest
+
+from tests.conftest import MLE, Project
+
+pytestmark = pytest.mark.e2e
+
+
+def _spawn(project: Project, *args: str) -> pexpect.spawn:
+    child = pexpect.spawn(
+        MLE[0],
+        [*MLE[1:], *args],
+        cwd=str(project.root),
+        env={**project.env, "COLUMNS": "120", "TERM": "xterm"},
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 120),
+    )
+    return child
+
+
+def _status(project: Project, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(project.ledger)
+    try:
+        return list(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+def test_a_terminal_gets_a_live_table_of_steps(project: Project) -> None:
+    child = _spawn(project, "run", "recipes/hello.yaml")
+    try:
+        child.expect("STEP")  # the live table's header
+        child.expect(r"4/4 steps succeeded")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    for step in ("prepare", "count", "shout", "report"):
+        assert step in child.before or step in (child.logfile_read or "")  # type: ignore[operator]
+
+
+def test_ctrl_c_on_a_terminal_asks_and_can_detach(project: Project) -> None:
+    (project.root / "long.yaml").write_text(
+        "name: long\nsteps:\n  long:\n    run: echo going; sleep 300\n"
+    )
+    child = _spawn(project, "run", "long.yaml")
+    try:
+        child.expect("going|running")
+        child.sendintr()
+        child.expect(r"\[c\]ancel run .*\[d\]etach")
+        child.sendline("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert _status(project, "SELECT status FROM runs") == [("detached",)]
+    assert _status(project, "SELECT status FROM attempts") == [("running",)]  # still running
+    run_id = _status(project, "SELECT id FROM runs")[0][0]
+    cancel = project.mle("cancel", str(run_id))
+    assert cancel.returncode == 0, cancel.stderr
+    assert _status(project, "SELECT status FROM runs") == [("cancelled",)]
+
+
+def test_ctrl_c_twice_cancels(project: Project) -> None:
+    (project.root / "long.yaml").write_text(
+        "name: long\nsteps:\n  long:\n    run: echo going; sleep 300\n"
+    )
+    child = _spawn(project, "run", "long.yaml")
+    try:
+        child.expect("going|running")
+        child.sendintr()
+        child.expect(r"\[c\]ancel run")
+        child.sendline("c")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 10
+    assert "was cancelled" in child.before
+    assert _status(project, "SELECT status FROM attempts") == [("cancelled",)]
