@@ -15,7 +15,7 @@ from mle_cli.scheduler import Progress, RunOutcome, Scheduler
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
 from mle_cli.targets import resolve_target
-from mle_proto.errors import MleError
+from mle_proto.errors import InvalidInput, MleError
 from mle_proto.store import ArtifactStore
 
 __all__ = ["RunControl", "cancel_run", "execute_plan", "new_run_id"]
@@ -70,8 +70,8 @@ async def execute_plan(
     run_id = run_id or new_run_id()
     store = ArtifactStore(settings.artifacts_dir)
     for shipped in plan.files:
-        if not store.has(shipped.digest):
-            store.put_file(shipped.source)
+        if not store.has(shipped.digest) and store.put_file(shipped.source)[0] != shipped.digest:
+            raise InvalidInput(f"{shipped.path} changed while the run was starting; run it again")
     writer = LedgerWriter(settings.ledger_path)
     executors = _Executors(settings)
     try:

@@ -103,7 +103,7 @@ class ArtifactStore:
             return pending.commit()
 
     def put_fileobj(self, src: BinaryIO) -> tuple[str, int]:
-        """Copy an open binary file into the store from its current position; return (digest, size)."""
+        """Copy an open binary file (from its position) into the store; return (digest, size)."""
         with self.writer() as pending:
             while chunk := src.read(CHUNK):
                 pending.write(chunk)

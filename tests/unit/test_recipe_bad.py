@@ -30,7 +30,9 @@ def test_there_are_many_bad_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
-def test_bad_recipe_is_refused_with_its_message(case: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_recipe_is_refused_with_its_message(
+    case: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     expected, overrides = _header(case)
     monkeypatch.chdir(BAD)
     with pytest.raises(RecipeError) as caught:

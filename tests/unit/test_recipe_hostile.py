@@ -1,4 +1,4 @@
-"""Hostile recipes: code-running YAML tags, alias bombs, huge files, path escapes, shell injection."""
+"""Hostile recipes: code-running YAML tags, alias bombs, huge files, path escapes, injection."""
 
 from __future__ import annotations
 
@@ -33,12 +33,18 @@ def _back_to_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
 
 PYTHON_TAGS = [
     ("!!python/object/apply:os.system ['touch pwned']", "!!python/object/apply:os.system"),
-    ("!!python/object/new:subprocess.Popen [['touch', 'pwned']]", "!!python/object/new:subprocess.Popen"),
+    (
+        "!!python/object/new:subprocess.Popen [['touch', 'pwned']]",
+        "!!python/object/new:subprocess.Popen",
+    ),
     ("!!python/name:os.system", "!!python/name:os.system"),
     ("!!python/module:os", "!!python/module:os"),
     ("!!python/tuple [a, b]", "!!python/tuple"),
     ("!!python/object:os._wrap_close {}", "!!python/object:os._wrap_close"),
-    ("!<tag:yaml.org,2002:python/object/apply:os.system> ['touch pwned']", "!!python/object/apply:os.system"),
+    (
+        "!<tag:yaml.org,2002:python/object/apply:os.system> ['touch pwned']",
+        "!!python/object/apply:os.system",
+    ),
     ("!!set {a, b}", "!!set"),
     ("!!omap [a: 1]", "!!omap"),
     ("!Ref steps.a", "!Ref"),
@@ -55,9 +61,13 @@ def test_python_and_custom_tags_are_refused_without_running_anything(
 
 
 def test_a_python_tag_on_a_key_is_refused(tmp_path: Path) -> None:
-    text = "name: evil\nsteps:\n  ? !!python/object/apply:os.system ['touch pwned']\n  : {run: echo}\n"
+    text = (
+        "name: evil\nsteps:\n  ? !!python/object/apply:os.system ['touch pwned']\n  : {run: echo}\n"
+    )
     message = _refused(tmp_path, text)
-    assert message == "recipe.yaml:3:5: steps: unsupported YAML tag '!!python/object/apply:os.system'"
+    assert (
+        message == "recipe.yaml:3:5: steps: unsupported YAML tag '!!python/object/apply:os.system'"
+    )
     assert not (tmp_path / "pwned").exists()
 
 
@@ -165,7 +175,10 @@ def test_files_cannot_escape_through_a_symlinked_file(tmp_path: Path) -> None:
     (project / "steps" / "zz.py").symlink_to(tmp_path / "secret.txt")
     text = "name: x\nfiles: [steps/*.py]\nsteps: {a: {run: echo}}\n"
     message = _refused(project, text)
-    assert message == "recipe.yaml:2:9: files[0]: 'steps/zz.py' resolves outside the recipe's directory"
+    assert (
+        message
+        == "recipe.yaml:2:9: files[0]: 'steps/zz.py' resolves outside the recipe's directory"
+    )
 
 
 def test_files_cannot_escape_through_a_symlinked_directory(tmp_path: Path) -> None:
@@ -173,7 +186,10 @@ def test_files_cannot_escape_through_a_symlinked_directory(tmp_path: Path) -> No
     (project / "linked").symlink_to(tmp_path, target_is_directory=True)
     text = "name: x\nfiles: [steps/ok.py, linked/*.txt]\nsteps: {a: {run: echo}}\n"
     message = _refused(project, text)
-    assert message == "recipe.yaml:2:22: files[1]: 'linked/secret.txt' resolves outside the recipe's directory"
+    assert (
+        message
+        == "recipe.yaml:2:22: files[1]: 'linked/secret.txt' resolves outside the recipe's directory"
+    )
 
 
 def test_a_symlink_that_stays_inside_is_shipped_under_its_own_name(tmp_path: Path) -> None:
@@ -199,7 +215,8 @@ def test_files_patterns_cannot_climb_out(tmp_path: Path) -> None:
     project = _project(tmp_path)
     message = _refused(project, "name: x\nfiles: ['steps/../../*.txt']\nsteps: {a: {run: echo}}\n")
     assert message == (
-        "recipe.yaml:2:9: files[0]: files pattern 'steps/../../*.txt' must stay inside the recipe's directory"
+        "recipe.yaml:2:9: files[0]: "
+        "files pattern 'steps/../../*.txt' must stay inside the recipe's directory"
     )
 
 
@@ -210,7 +227,7 @@ HOSTILE_VALUES = [
     "x && touch pwned",
     "x | tee pwned",
     "> pwned",
-    "it's \"quoted\" \\ back",
+    'it\'s "quoted" \\ back',
     "line one\ntouch pwned",
     "*",
     "$HOME ${PATH} $0",
@@ -264,3 +281,31 @@ def test_templates_cannot_reach_python_internals(tmp_path: Path) -> None:
     assert message == (
         "recipe.yaml:4:10: steps.a.run: access to attribute '__class__' is not allowed in templates"
     )
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{{ 2 ** 100000000 }}", "exponent 100000000 is too large for a template"),
+        ("{{ 99 ** 64 ** 64 }}", "power is too large for a template"),
+        ("{{ 'x' * 10**8 }}", "repetition is too large for a template"),
+        ("{{ [1] * 1000000 }}", "repetition is too large for a template"),
+    ],
+)
+def test_templates_cannot_exhaust_cpu_or_memory(
+    tmp_path: Path, template: str, message: str
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f'name: x\nsteps:\n  a:\n    run: echo "{template}"\n')
+    with pytest.raises(RecipeError, match=message):
+        compile_recipe(recipe)
+
+
+def test_ordinary_arithmetic_still_works_in_templates(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: x\nparams: {n: 3}\nsteps:\n  a:\n    run: echo {{ params.n * 2 }} {{ 2 ** 10 }}\n"
+    )
+    plan = compile_recipe(recipe)
+    rendered = render_step(plan, plan.steps[0], run_id="r", target="local")
+    assert rendered.shell == "echo 6 1024"

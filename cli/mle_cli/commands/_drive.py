@@ -105,6 +105,7 @@ def _failure_line(outcome: RunOutcome) -> str:
     if not failed:
         return f"run {outcome.run_id} failed"
     step = failed[0]
-    how = f"exited with {step.exit_code}" if step.exit_code else step.status.value
-    detail = f": {step.message}" if step.message and not step.exit_code else ""
+    exited = step.status == Status.FAILED and step.exit_code
+    how = f"exited with {step.exit_code}" if exited else step.status.value
+    detail = f": {step.message}" if step.message and not exited else ""
     return f"run {outcome.run_id} failed: step {step.step_id} {how} on {step.target}{detail}"

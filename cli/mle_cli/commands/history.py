@@ -23,9 +23,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 @contextmanager
 def _ledger(ctx: typer.Context) -> Iterator[Ledger]:
+    """The project's ledger for reading; reading never creates one."""
     from mle_cli.ledger import Ledger
+    from mle_proto.errors import NotFound
 
-    ledger = Ledger(settings_from(ctx).ledger_path)
+    path = settings_from(ctx).ledger_path
+    if not path.exists():
+        raise NotFound("no runs yet; start one with `mle run RECIPE`")
+    ledger = Ledger(path)
     try:
         yield ledger
     finally:
@@ -44,8 +49,11 @@ def runs(
     from mle_cli import render
     from mle_cli.history import run_list
 
-    with _ledger(ctx) as ledger:
-        rows = run_list(ledger, limit)
+    if not settings_from(ctx).ledger_path.exists():
+        rows = []
+    else:
+        with _ledger(ctx) as ledger:
+            rows = run_list(ledger, limit)
     if json_out:
         render.print_json(rows)
         return

@@ -188,10 +188,10 @@ class _RecipeLoader(yaml.SafeLoader):
 
 # YAML 1.1's implicit booleans (yes/no/on/off) and timestamps surprise people: `on: local`,
 # `country: no`, `version: 2024-01-01`. Keep YAML 1.2's true/false; everything else stays a string.
+_DROPPED = frozenset({_BOOL, f"{_YAML}timestamp", f"{_YAML}value"})
 _RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in {_BOOL, f"{_YAML}timestamp"}]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _DROPPED]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    if first != "="
 }
 _RecipeLoader.add_implicit_resolver(
     _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")

@@ -88,6 +88,31 @@ def parse_steps(doc: Document, value: object, defaults: Defaults) -> list[Parsed
 
 def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) -> ParsedStep:
     path: KeyPath = ("steps", step_id)
+    body = _step_body(doc, path, step_id, value)
+    run, argv, command = _command(doc, path, body)
+    needs = text_list(doc, (*path, "needs"), body.get("needs"), "a step id or a list of them")
+    outputs = _outputs(doc, (*path, "outputs"), body.get("outputs"))
+    env, env_templates = _env(doc, (*path, "env"), body.get("env"))
+    retries = _retries(doc, (*path, "retries"), body.get("retries"))
+    step = Step(
+        id=step_id,
+        run=run,
+        argv=argv,
+        env={**defaults.env, **env},
+        needs=tuple(name for _, name in needs),
+        outputs=tuple(name for _, name in outputs),
+        target=_target(doc, (*path, "on"), body.get("on", "local")),
+        retries=_policy({**defaults.retries, **retries}),
+        timeout=_step_timeout(doc, path, body, defaults),
+        location=doc.location(path, at_key=True),
+    )
+    need_paths = tuple(p for p, _ in needs)
+    output_paths = tuple(p for p, _ in outputs)
+    return ParsedStep(step, need_paths, output_paths, (*command, *env_templates))
+
+
+def _step_body(doc: Document, path: KeyPath, step_id: str, value: object) -> dict[str, object]:
+    """The step's mapping, once its id and keys are known to be valid."""
     if not _STEP_ID.fullmatch(step_id):
         message = (
             f"invalid step id {step_id!r}: use lowercase letters, digits, '-' and '_', "
@@ -98,27 +123,7 @@ def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) 
         message = f"expected a step (a mapping with 'run' or 'argv'), got {describe(value)}"
         raise doc.error(path, message)
     check_keys(doc, path, value, STEP_KEYS, LATER_STEP_KEYS)
-    run, argv, command = _command(doc, path, value)
-    needs = text_list(doc, (*path, "needs"), value.get("needs"), "a step id or a list of them")
-    outputs = _outputs(doc, (*path, "outputs"), value.get("outputs"))
-    env, env_templates = _env(doc, (*path, "env"), value.get("env"))
-    step = Step(
-        id=step_id,
-        run=run,
-        argv=argv,
-        env={**defaults.env, **env},
-        needs=tuple(name for _, name in needs),
-        outputs=tuple(name for _, name in outputs),
-        target=_target(doc, (*path, "on"), value.get("on", "local")),
-        retries=_policy(
-            {**defaults.retries, **_retries(doc, (*path, "retries"), value.get("retries"))}
-        ),
-        timeout=_step_timeout(doc, path, value, defaults),
-        location=doc.location(path, at_key=True),
-    )
-    need_paths = tuple(p for p, _ in needs)
-    output_paths = tuple(p for p, _ in outputs)
-    return ParsedStep(step, need_paths, output_paths, (*command, *env_templates))
+    return value
 
 
 def _command(
@@ -171,9 +176,8 @@ def _env(
 ) -> tuple[dict[str, str], tuple[TemplateSource, ...]]:
     """Environment variables (values are templates) and the template sources they hold."""
     env: dict[str, str] = {}
-    for name, raw in expect_mapping(
-        doc, path, value, "a mapping of variable names to values"
-    ).items():
+    body = expect_mapping(doc, path, value, "a mapping of variable names to values")
+    for name, raw in body.items():
         where = (*path, name)
         if not _ENV_NAME.fullmatch(name):
             message = f"invalid environment variable name {name!r}"

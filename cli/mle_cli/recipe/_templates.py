@@ -7,7 +7,7 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
@@ -139,8 +139,33 @@ def _quoted(value: object) -> str:
     return shlex.quote(_text(value))
 
 
+_MAX_EXPONENT = 64
+_MAX_BITS = 4096
+_MAX_REPEAT = 100_000
+
+
 class _Sandbox(SandboxedEnvironment):
-    """The Jinja sandbox, with messages that name the refused attribute and no internals."""
+    """The Jinja sandbox, with messages that name the refused attribute and no internals.
+
+    `**` and `*` are intercepted so that `{{ 9**9**9 }}` or `{{ 'x' * 10**9 }}` is refused
+    instead of hanging or exhausting memory while a recipe compiles.
+    """
+
+    intercepted_binops = frozenset({"**", "*"})
+
+    def call_binop(self, context: object, operator: str, left: object, right: object) -> object:
+        """Refuse huge powers and repetitions; compute the rest."""
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
+                raise SecurityError(f"exponent {right} is too large for a template")
+            if isinstance(left, int) and left.bit_length() * abs(int(right)) > _MAX_BITS:  # type: ignore[call-overload]
+                raise SecurityError("power is too large for a template")
+            return left**right  # type: ignore[operator]
+        repeats = [v for v in (left, right) if isinstance(v, int) and not isinstance(v, bool)]
+        sequence = isinstance(left, str | list | tuple) or isinstance(right, str | list | tuple)
+        if sequence and any(abs(r) > _MAX_REPEAT for r in repeats):
+            raise SecurityError("repetition is too large for a template")
+        return left * right  # type: ignore[operator]
 
     def unsafe_undefined(self, obj: object, attribute: str) -> Undefined:
         """Refuse an unsafe attribute; on an already undefined value keep the first problem."""
@@ -160,10 +185,16 @@ def _environment(quote: bool) -> SandboxedEnvironment:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _template(text: str, quote: bool) -> Template:
+    """Compiled once per text: a run dispatches the same step templates many times."""
+    return _environment(quote).from_string(text)
+
+
 def _render(text: str, context: Mapping[str, object], *, quote: bool) -> str:
     """Render one template; any failure becomes a _TemplateProblem with a readable message."""
     try:
-        rendered = _environment(quote).from_string(text).render(context)
+        rendered = _template(text, quote).render(context)
     except _TemplateProblem:
         raise
     except TemplateSyntaxError as exc:

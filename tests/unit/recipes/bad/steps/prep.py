@@ -1,1 +1,3 @@
+"""A file that outputs-shipped-file.yaml ships and then tries to overwrite."""
+
 print("prep")

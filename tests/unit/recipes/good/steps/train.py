@@ -1,1 +1,3 @@
+"""A stand-in step shipped by pipeline.yaml."""
+
 print("train")

@@ -1,0 +1,100 @@
+"""How mle-agentd builds its settings: defaults < TOML < MLE_AGENT_* env < flags."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mle_agent.daemon import build_parser
+from mle_agent.settings import AgentSettings, build_settings
+from mle_proto.errors import UsageError
+
+
+def _flags(*argv: str) -> dict[str, object]:
+    return vars(build_parser().parse_args(list(argv)))
+
+
+def test_each_layer_overrides_the_one_below(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'name = "from-toml"\nslots = 3\nlisten = "127.0.0.1:9000"\n'
+        'drain_timeout = 7.5\n[labels]\nrole = "edge"\n'
+    )
+    env = {"MLE_AGENT_SLOTS": "5", "MLE_AGENT_LISTEN": "127.0.0.1:9001", "UNRELATED": "x"}
+    settings = build_settings(_flags("--listen", "127.0.0.1:9002"), env, config)
+    assert settings.name == "from-toml"  # only the file sets it
+    assert settings.slots == 5  # env beats the file
+    assert settings.listen == "127.0.0.1:9002"  # flags beat env
+    assert settings.drain_timeout == 7.5
+    assert dict(settings.labels) == {"role": "edge"}
+    assert settings.kill_grace == AgentSettings().kill_grace  # default
+
+
+def test_paths_and_derived_locations(tmp_path: Path) -> None:
+    flags = _flags("--data-dir", str(tmp_path / "d"), "--labels", "a=1, b=two", "--insecure")
+    settings = build_settings(flags, {}, _empty(tmp_path))
+    assert settings.outbox_path == tmp_path / "d" / "agent.db"
+    assert settings.artifacts_root == tmp_path / "d" / "artifacts"
+    assert settings.work_root == tmp_path / "d" / "work"
+    assert dict(settings.labels) == {"a": "1", "b": "two"}
+    assert settings.insecure is True
+    shared = build_settings(
+        _flags("--artifacts-dir", str(tmp_path / "store")), {}, _empty(tmp_path)
+    )
+    assert shared.artifacts_root == tmp_path / "store"
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.toml"
+    path.touch()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "argv", "message"),
+    [
+        ("bogus = 1\n", {}, [], "unknown key 'bogus'"),
+        ("slots = [\n", {}, [], "config file"),
+        ("", {"MLE_AGENT_SLOTS": "many"}, [], "invalid slots"),
+        ("", {"MLE_AGENT_INSECURE": "maybe"}, [], "invalid insecure"),
+        ("", {}, ["--slots", "0"], "invalid slots: must be at least 1"),
+        ("", {}, ["--labels", "novalue"], "label 'novalue' is not key=value"),
+        ("", {}, ["--listen", "7443"], "invalid listen address '7443'"),
+        ("", {}, ["--tls-cert", "c.pem"], "mutual TLS needs all three"),
+    ],
+)
+def test_bad_settings_are_usage_errors(
+    tmp_path: Path, toml: str, env: dict[str, str], argv: list[str], message: str
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(toml)
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+        build_settings(_flags(*argv), env, config)
+
+
+def test_an_explicit_config_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        build_settings(_flags(), {}, tmp_path / "missing.toml")
+    with pytest.raises(UsageError, match="does not exist"):
+        build_settings(_flags(), {"MLE_AGENT_CONFIG": str(tmp_path / "missing.toml")})
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:1", True),
+        ("127.8.0.1:1", True),
+        ("[::1]:1", True),
+        ("localhost:1", True),
+        ("0.0.0.0:1", False),
+        ("[::]:1", False),
+        ("192.168.1.10:1", False),
+        ("agent.example.org:1", False),
+    ],
+)
+def test_loopback_detection(listen: str, loopback: bool) -> None:
+    assert AgentSettings(listen=listen).is_loopback() is loopback
