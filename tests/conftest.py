@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -33,6 +33,7 @@ class Project:
 
     root: Path
     env: dict[str, str]
+    spawned: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def mle(
         self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None
@@ -53,8 +54,8 @@ class Project:
         return proc
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
-        """Start `mle ARGS` without waiting."""
-        return subprocess.Popen(
+        """Start `mle ARGS` without waiting; `finish` collects it."""
+        proc = subprocess.Popen(
             [*MLE, *args],
             cwd=self.root,
             env=self.env,
@@ -63,6 +64,14 @@ class Project:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.spawned.append(proc)
+        return proc
+
+    @staticmethod
+    def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+        """Wait for a spawned `mle` and return (exit code, stdout, stderr)."""
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
 
     @property
     def ledger(self) -> Path:
@@ -92,6 +101,9 @@ def project(tmp_path: Path) -> Iterator[Project]:
     try:
         yield proj
     finally:
+        for proc in proj.spawned:
+            proc.kill()
+            proc.communicate()
         _stop_agents_under(root)
 
 

@@ -98,7 +98,7 @@ async def run_agent(settings: AgentSettings) -> int:
     _install_signal_handlers(stop, manager)
     try:
         await server.start()
-        await _announce(settings, manager, port)
+        _announce(settings, manager, port)
         await stop.wait()
         log.info("draining: no new tasks; up to %gs for running ones", settings.drain_timeout)
         await manager.drain(settings.drain_timeout)
@@ -126,7 +126,7 @@ def state_file_content(settings: AgentSettings, manager: TaskManager, port: int)
     }
 
 
-async def _announce(settings: AgentSettings, manager: TaskManager, port: int) -> None:
+def _announce(settings: AgentSettings, manager: TaskManager, port: int) -> None:
     address = _address(settings, port)
     if settings.state_file:
         _write_state_file(settings.state_file, state_file_content(settings, manager, port))
@@ -150,15 +150,20 @@ def _address(settings: AgentSettings, port: int) -> str:
 
 def _write_state_file(path: Path, content: dict[str, Any]) -> None:
     """Write atomically (temp file, then rename) with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise MleError(f"cannot write state file {path}: {exc.strerror or exc}") from None
 
 
 def _remove_state_file(path: Path | None) -> None:

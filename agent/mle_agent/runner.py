@@ -16,13 +16,12 @@ import psutil
 from mle_agent.settings import ENV_PREFIX
 from mle_proto.v1 import agent_pb2 as pb
 
-__all__ = ["LineSink", "TaskProcess", "task_command", "task_environment"]
+__all__ = ["LineSink", "TaskProcess", "kill_stale_task", "task_command", "task_environment"]
 
 log = logging.getLogger(__name__)
 
 LineSink = Callable[["pb.LogStream.ValueType", str], None]
 _POLL = 0.05
-_READ_SIZE = 256 * 1024
 
 
 def task_command(spec: pb.TaskSpec) -> list[str]:
@@ -40,6 +39,30 @@ def task_environment(base: Mapping[str, str], spec: pb.TaskSpec, work_dir: Path)
     env["MLE_TASK_ID"] = spec.task_id
     env["MLE_WORK_DIR"] = str(work_dir)
     return env
+
+
+def kill_stale_task(task_id: str, work_dir: Path, pid: int, started: float) -> int:
+    """Kill what is left of a task an earlier agent ran; return how many processes were found.
+
+    The recorded group leader is killed with its group only if it is that very process (same start
+    time), never a process that reused the pid; descendants that left the group are found by the
+    MLE_TASK_ID and MLE_WORK_DIR the agent put in their environment.
+    """
+    found = 0
+    with contextlib.suppress(psutil.Error):
+        if pid > 1 and abs(psutil.Process(pid).create_time() - started) < 0.01:
+            _signal_group(pid, signal.SIGKILL)
+            found += 1
+    marks = {"MLE_TASK_ID": task_id, "MLE_WORK_DIR": str(work_dir)}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            environ = process.environ()
+            if all(environ.get(k) == v for k, v in marks.items()):
+                process.kill()
+                found += 1
+    if found:
+        log.warning("task %s: killed processes left by an earlier agent", task_id)
+    return found
 
 
 class TaskProcess:
@@ -233,18 +256,3 @@ def _signal_each(processes: Sequence[psutil.Process], sig: signal.Signals) -> No
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.send_signal(sig)
-
-
-def kill_stale_group(pid: int, started: float) -> bool:
-    """Kill the group of a task process from an earlier agent, if that very process still lives."""
-    if pid <= 1:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if abs(process.create_time() - started) > 0.01:
-            return False  # the pid was reused by an unrelated process
-    except psutil.Error:
-        return False
-    log.warning("killing process group %d left by an earlier agent", pid)
-    _signal_group(pid, signal.SIGKILL)
-    return True

@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1._async import HealthServicer  # public as health.aio; the stubs lack it
 
 from mle_agent.servicers import AgentServicer, ArtifactsServicer
 from mle_agent.settings import AgentSettings, check_listen_security, split_listen

@@ -21,7 +21,7 @@ from typing import IO
 
 from mle_agent.events import TaskEvents
 from mle_agent.outbox import Outbox, State, state_name
-from mle_agent.runner import TaskProcess, kill_stale_group, task_command, task_environment
+from mle_agent.runner import TaskProcess, kill_stale_task, task_command, task_environment
 from mle_agent.settings import AgentSettings
 from mle_agent.specs import validate_spec
 from mle_agent.staging import (
@@ -102,7 +102,8 @@ class TaskManager:
         """Give every task without a result (left by an earlier agent) a FAILED result."""
         rows = self._outbox.unfinished()
         for row in rows:
-            kill_stale_group(*self._outbox.process_of(row.task_id))
+            work_dir = self.settings.work_root / row.task_id
+            kill_stale_task(row.task_id, work_dir, *self._outbox.process_of(row.task_id))
             now = time.time()
             result = pb.TaskResult(state=pb.TASK_STATE_FAILED, message=RESTART_MESSAGE)
             event = pb.TaskEvent(task_id=row.task_id, seq=row.last_seq + 1, time=now, result=result)

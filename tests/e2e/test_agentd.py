@@ -190,12 +190,17 @@ def test_drain_timeout_stops_tasks_and_a_restart_still_shows_them(tmp_path: Path
 
 
 def test_an_agent_killed_mid_task_reports_the_task_failed_after_restart(tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
+    pid_file, escaped_file = tmp_path / "pid", tmp_path / "escaped"
+    script = (
+        f"echo before; sleep 300 & echo $! > {pid_file}; "
+        f"setsid sh -c 'echo $$ > {escaped_file}; exec sleep 300' & wait"
+    )
     with daemon(tmp_path, "--listen", "127.0.0.1:0") as agentd:
         client = Client(agentd.wait_ready()["address"])
         try:
-            client.start("r.crash.1", f"echo before; sleep 300 & echo $! > {pid_file}; wait")
+            client.start("r.crash.1", script)
             _wait_for_file(pid_file)
+            _wait_for_file(escaped_file)
             request = pb.WatchTaskRequest(task_id="r.crash.1")
             watch = client.agent.WatchTask(request, timeout=60)
             assert next(e for e in watch if e.HasField("log")).log.text == "before"
@@ -204,7 +209,7 @@ def test_an_agent_killed_mid_task_reports_the_task_failed_after_restart(tmp_path
             client.close()
         agentd.signal(signal.SIGKILL)
         agentd.wait()
-    orphan = int(pid_file.read_text())
+    orphans = [int(pid_file.read_text()), int(escaped_file.read_text())]
     try:
         with daemon(tmp_path, "--listen", "127.0.0.1:0") as again:
             client = Client(again.wait_ready()["address"])
@@ -219,9 +224,9 @@ def test_an_agent_killed_mid_task_reports_the_task_failed_after_restart(tmp_path
             pb.TASK_STATE_FAILED,
             RESTART_MESSAGE,
         )
-        assert pid_dead(orphan)  # the restarted agent killed the old process group
+        assert all(pid_dead(pid) for pid in orphans)  # the restarted agent killed what was left
     finally:
-        subprocess.run(["kill", "-9", str(orphan)], check=False, capture_output=True)
+        subprocess.run(["kill", "-9", *map(str, orphans)], check=False, capture_output=True)
 
 
 def test_a_public_address_without_tls_is_refused_before_binding(tmp_path: Path) -> None:
@@ -286,6 +291,17 @@ def test_user_errors_are_one_line_without_traceback(
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(message)
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unwritable_state_file_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    common = ["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")]
+    done = run_daemon(tmp_path, *common, "--state-file", "afile/state.json")
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "mle-agentd: error: cannot write state file afile/state.json: File exists"
+    )
     assert "Traceback" not in done.stderr
 
 

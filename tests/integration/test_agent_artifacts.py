@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ from agent_helpers import (
     running_agent,
 )
 
+from mle_proto.store import PendingArtifact
 from mle_proto.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -190,5 +192,24 @@ def test_oversized_messages_are_refused_and_the_agent_stays_up(tmp_path: Path) -
             assert info.name == "test-agent"
             assert (await agent.agent.ListTasks(pb.ListTasksRequest())).tasks == []
             assert _store_files(agent) == []
+
+    run(scenario())
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: PendingArtifact, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PendingArtifact, "write", disk_full)
+
+    async def scenario() -> None:
+        async with running_agent(agent_settings(tmp_path)) as agent:
+            error = await _rpc_error(agent.put(b"x" * 1000))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details() == "the agent's disk is full"
+            assert _store_files(agent) == []
+            assert (await agent.agent.GetInfo(pb.GetInfoRequest())).name == "test-agent"
 
     run(scenario())

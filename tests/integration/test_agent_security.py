@@ -41,33 +41,43 @@ def _no_leaks() -> Iterator[None]:
     yield from leak_check()
 
 
-async def _unary(agent: Agent, call: Callable[..., Any], request: Any, md: Any) -> None:
+async def _unary(call: Callable[..., Any], request: Any, md: Any) -> None:
     await call(request, metadata=md)
 
 
-async def _stream(agent: Agent, call: Callable[..., Any], request: Any, md: Any) -> None:
+async def _stream(call: Callable[..., Any], request: Any, md: Any) -> None:
     async for _ in call(request, metadata=md):
         pass
 
 
-def _calls(agent: Agent) -> dict[str, Callable[[Any], Any]]:
+async def _put_headers_only(call: Callable[..., Any], md: Any) -> None:
+    # The refusal comes at the headers, before any message. A client still writing chunks when it
+    # arrives may see grpc's own "Internal error from Core" instead, so send none here.
+    await call(metadata=md)
+
+
+def _calls(agent: Agent, *, refused: bool) -> dict[str, Callable[[Any], Any]]:
     """One call per method of every service, each taking the metadata to send."""
     a, s = agent.agent, agent.artifacts
     health = health_pb2_grpc.HealthStub(agent.channel)
     spec = pb.TaskSpec(task_id="r.auth.1", shell="true")
     check = health_pb2.HealthCheckRequest()
     return {
-        "GetInfo": lambda md: _unary(agent, a.GetInfo, pb.GetInfoRequest(), md),
-        "StartTask": lambda md: _unary(agent, a.StartTask, spec, md),
-        "WatchTask": lambda md: _stream(agent, a.WatchTask, pb.WatchTaskRequest(task_id="x"), md),
-        "CancelTask": lambda md: _unary(agent, a.CancelTask, pb.CancelTaskRequest(task_id="x"), md),
-        "ListTasks": lambda md: _unary(agent, a.ListTasks, pb.ListTasksRequest(), md),
-        "Ack": lambda md: _unary(agent, a.Ack, pb.AckRequest(task_id="x"), md),
-        "Stat": lambda md: _unary(agent, s.Stat, pb.StatRequest(), md),
-        "Put": lambda md: _unary(agent, s.Put, put_chunks(b"data", 2), md),
-        "Get": lambda md: _stream(agent, s.Get, pb.GetRequest(digest=digest_of(b"x")), md),
-        "Health.Check": lambda md: _unary(agent, health.Check, check, md),
-        "Health.Watch": lambda md: _stream(agent, health.Watch, check, md),
+        "GetInfo": lambda md: _unary(a.GetInfo, pb.GetInfoRequest(), md),
+        "StartTask": lambda md: _unary(a.StartTask, spec, md),
+        "WatchTask": lambda md: _stream(a.WatchTask, pb.WatchTaskRequest(task_id="x"), md),
+        "CancelTask": lambda md: _unary(a.CancelTask, pb.CancelTaskRequest(task_id="x"), md),
+        "ListTasks": lambda md: _unary(a.ListTasks, pb.ListTasksRequest(), md),
+        "Ack": lambda md: _unary(a.Ack, pb.AckRequest(task_id="x"), md),
+        "Stat": lambda md: _unary(s.Stat, pb.StatRequest(), md),
+        "Put": (
+            (lambda md: _put_headers_only(s.Put, md))
+            if refused
+            else (lambda md: _unary(s.Put, put_chunks(b"data", 2), md))
+        ),
+        "Get": lambda md: _stream(s.Get, pb.GetRequest(digest=digest_of(b"x")), md),
+        "Health.Check": lambda md: _unary(health.Check, check, md),
+        "Health.Watch": lambda md: _stream(health.Watch, check, md),
     }
 
 
@@ -87,7 +97,7 @@ def test_every_method_refuses_a_missing_or_wrong_token(
 ) -> None:
     async def scenario() -> None:
         async with running_agent(agent_settings(tmp_path), token=TOKEN) as agent:
-            for name, call in _calls(agent).items():
+            for name, call in _calls(agent, refused=True).items():
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await call(metadata)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
@@ -102,7 +112,7 @@ def test_every_method_refuses_a_missing_or_wrong_token(
 def test_the_right_token_is_accepted_everywhere(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_agent(agent_settings(tmp_path), token=TOKEN) as agent:
-            calls = _calls(agent)
+            calls = _calls(agent, refused=False)
             for name in ("GetInfo", "StartTask", "ListTasks", "Stat", "Put", "Health.Check"):
                 await calls[name](agent.metadata)
             assert (await agent.result("r.auth.1")).state == pb.TASK_STATE_SUCCEEDED

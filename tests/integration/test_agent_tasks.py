@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.util
 import os
 import platform
@@ -31,7 +30,7 @@ from agent_helpers import (
 
 from mle_agent.facts import RUNTIMES
 from mle_agent.outbox import Outbox
-from mle_agent.tasks import RESTART_MESSAGE
+from mle_agent.tasks import RESTART_MESSAGE, TaskManager
 from mle_proto import PROTO_VERSION, __version__
 from mle_proto.v1 import agent_pb2 as pb
 
@@ -200,6 +199,21 @@ def test_timeout_also_kills_a_descendant_that_left_the_group(tmp_path: Path) -> 
             await agent.start("r.escape.1", escape, timeout_seconds=1)
             await wait_for_file(pid_file)
             assert (await agent.result("r.escape.1")).state == pb.TASK_STATE_TIMED_OUT
+
+    run(scenario())
+    assert pid_dead(int(pid_file.read_text()))
+
+
+def test_background_processes_do_not_outlive_their_task(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+
+    async def scenario() -> None:
+        async with running_agent(agent_settings(tmp_path)) as agent:
+            await agent.start("r.bg.1", f"sleep 300 & echo $! > {pid_file}; echo done")
+            events = await agent.events("r.bg.1")
+            assert events[-1].result.state == pb.TASK_STATE_SUCCEEDED
+            assert events[-1].result.exit_code == 0
+            assert _lines(events) == ["done"]
 
     run(scenario())
     assert pid_dead(int(pid_file.read_text()))
@@ -521,13 +535,29 @@ def test_drain_lets_tasks_finish_then_stops_the_rest(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_an_unexpected_error_is_internal_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: TaskManager, run_id: str = "") -> list[pb.TaskStatus]:
+        raise RuntimeError("boom in list_tasks")
+
+    monkeypatch.setattr(TaskManager, "list_tasks", broken)
+
+    async def scenario() -> None:
+        async with running_agent(agent_settings(tmp_path)) as agent:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent.agent.ListTasks(pb.ListTasksRequest())
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert info.value.details() == "internal error: see agent log"
+            assert (await agent.agent.GetInfo(pb.GetInfoRequest())).name == "test-agent"
+
+    run(scenario())
+    assert "boom in list_tasks" in caplog.text  # the traceback is in the log, not on the wire
+
+
 def _lines(events: list[pb.TaskEvent], stream: int | None = None) -> list[str]:
     return [
         e.log.text
         for e in events
         if e.HasField("log") and (stream is None or e.log.stream == stream)
     ]
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

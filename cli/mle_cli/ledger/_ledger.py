@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,18 @@ class Ledger:
         """Close the connection."""
         self.conn.close()
 
-    def transaction(self) -> AbstractContextManager[sqlite_utils.Database]:
-        """A context manager that commits everything inside it at once (nests as savepoints)."""
-        return self.db.atomic()
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Commit everything inside at once. BEGIN IMMEDIATE takes the write lock up front, so
+        another `mle` process writing at the same time makes us wait (busy timeout) instead of
+        failing with SQLITE_BUSY when a read would upgrade to a write."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     # -- writes ---------------------------------------------------------------------------------
 

@@ -80,17 +80,34 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to date; return the version. Refuses a ledger from a newer mle."""
-    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if current > SCHEMA_VERSION:
-        from mle_proto.errors import FailedPrecondition
+    """Bring the schema up to date; return the version. Refuses a ledger from a newer mle.
 
-        raise FailedPrecondition(
-            f"the ledger has schema version {current}, newer than this mle "
-            f"understands ({SCHEMA_VERSION}); upgrade mle"
-        )
-    for version in range(current, SCHEMA_VERSION):
-        conn.executescript(
-            f"BEGIN; {_MIGRATIONS[version]}; PRAGMA user_version = {version + 1}; COMMIT;"
-        )
+    Runs under BEGIN IMMEDIATE, so two `mle` processes opening a new ledger at once do not both
+    try to create it.
+    """
+    if _version(conn) == SCHEMA_VERSION:
+        return SCHEMA_VERSION
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = _version(conn)
+        if current > SCHEMA_VERSION:
+            from mle_proto.errors import FailedPrecondition
+
+            raise FailedPrecondition(
+                f"the ledger has schema version {current}, newer than this mle "
+                f"understands ({SCHEMA_VERSION}); upgrade mle"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     return SCHEMA_VERSION
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
