@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 LineSink = Callable[["pb.LogStream.ValueType", str], None]
 _POLL = 0.05
+_MARKS = ("MLE_TASK_ID", "MLE_WORK_DIR")  # set in every task's environment, see task_environment
 
 
 def task_command(spec: pb.TaskSpec) -> list[str]:
@@ -53,13 +54,9 @@ def kill_stale_task(task_id: str, work_dir: Path, pid: int, started: float) -> i
         if pid > 1 and abs(psutil.Process(pid).create_time() - started) < 0.01:
             _signal_group(pid, signal.SIGKILL)
             found += 1
-    marks = {"MLE_TASK_ID": task_id, "MLE_WORK_DIR": str(work_dir)}
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            environ = process.environ()
-            if all(environ.get(k) == v for k, v in marks.items()):
-                process.kill()
-                found += 1
+    marked = _marked_processes({"MLE_TASK_ID": task_id, "MLE_WORK_DIR": str(work_dir)})
+    _signal_each(marked, signal.SIGKILL)
+    found += len(marked)
     if found:
         log.warning("task %s: killed processes left by an earlier agent", task_id)
     return found
@@ -68,9 +65,15 @@ def kill_stale_task(task_id: str, work_dir: Path, pid: int, started: float) -> i
 class TaskProcess:
     """A running task: its process (a process group leader) and its two output pumps."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, pumps: Sequence[_LinePump]) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        pumps: Sequence[_LinePump],
+        marks: Mapping[str, str],
+    ) -> None:
         self._proc = proc
         self._pumps = pumps
+        self._marks = marks
         self.pid = proc.pid
         self.started = _create_time(proc.pid)
 
@@ -108,7 +111,8 @@ class TaskProcess:
         pumps = []
         for fd, stream in ((out_r, pb.LOG_STREAM_STDOUT), (err_r, pb.LOG_STREAM_STDERR)):
             pumps.append(await _attach(loop, fd, _LinePump(loop, stream, sink, max_line)))
-        return cls(proc, pumps)
+        marks = {k: env[k] for k in _MARKS if k in env}
+        return cls(proc, pumps, marks)
 
     @property
     def returncode(self) -> int | None:
@@ -121,7 +125,7 @@ class TaskProcess:
 
     async def kill_tree(self, grace: float) -> None:
         """SIGTERM the group and every descendant, then SIGKILL whatever is left after grace."""
-        escaped = _descendants(self.pid) if self.returncode is None else []
+        escaped = self._escaped()
         _signal_group(self.pid, signal.SIGTERM)
         _signal_each(escaped, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -145,6 +149,14 @@ class TaskProcess:
         waiters = [pump.closed for pump in self._pumps]
         _, pending = await asyncio.wait(waiters, timeout=timeout)
         return not pending
+
+    def _escaped(self) -> list[psutil.Process]:
+        """Descendants (even outside the group), and marked processes that left the family too."""
+        found = _descendants(self.pid) if self.returncode is None else []
+        if len(self._marks) == len(_MARKS):
+            pids = {p.pid for p in found}
+            found += [p for p in _marked_processes(self._marks) if p.pid not in pids]
+        return found
 
     def _tree_gone(self, escaped: Sequence[psutil.Process]) -> bool:
         return self.returncode is not None and not any(_alive(p) for p in escaped)
@@ -228,6 +240,18 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def _marked_processes(marks: Mapping[str, str]) -> list[psutil.Process]:
+    """Processes whose environment carries every mark (a task's id and work dir)."""
+    me = os.getpid()
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            environ = process.environ()
+            if process.pid != me and all(environ.get(k) == v for k, v in marks.items()):
+                found.append(process)
+    return found
 
 
 def _alive(process: psutil.Process) -> bool:

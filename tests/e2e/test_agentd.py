@@ -17,19 +17,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agent_helpers import (
+from mle_agent.tasks import DRAIN_MESSAGE, RESTART_MESSAGE
+from mle_proto.v1 import agent_pb2 as pb
+from mle_proto.v1 import agent_pb2_grpc as pb_grpc
+from tests.agent_helpers import (
     daemon,
     leak_check,
     pid_dead,
     run_daemon,
     subprocess_env,
 )
-
-from mle_agent.tasks import DRAIN_MESSAGE, RESTART_MESSAGE
-from mle_proto.v1 import agent_pb2 as pb
-from mle_proto.v1 import agent_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 TOKEN = "e2e-token-0123456789"

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agent_helpers import (
+from mle_proto.store import PendingArtifact
+from mle_proto.v1 import agent_pb2 as pb
+from tests.agent_helpers import (
     Agent,
     agent_settings,
     digest_of,
@@ -22,9 +21,6 @@ from agent_helpers import (
     run,
     running_agent,
 )
-
-from mle_proto.store import PendingArtifact
-from mle_proto.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1024 * 1024

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agent_helpers import (
+from mle_agent.server import create_server
+from mle_agent.tasks import TaskManager
+from mle_proto.errors import UsageError
+from mle_proto.v1 import agent_pb2 as pb
+from mle_proto.v1 import agent_pb2_grpc as pb_grpc
+from tests.agent_helpers import (
     Agent,
     agent_settings,
     digest_of,
@@ -25,12 +27,6 @@ from agent_helpers import (
     run,
     running_agent,
 )
-
-from mle_agent.server import create_server
-from mle_agent.tasks import TaskManager
-from mle_proto.errors import UsageError
-from mle_proto.v1 import agent_pb2 as pb
-from mle_proto.v1 import agent_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "s3cret-token-for-tests"

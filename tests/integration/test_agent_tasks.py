@@ -7,7 +7,6 @@ import importlib.util
 import os
 import platform
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,12 @@ import grpc
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agent_helpers import (
+from mle_agent.facts import RUNTIMES
+from mle_agent.outbox import Outbox
+from mle_agent.tasks import RESTART_MESSAGE, TaskManager
+from mle_proto import PROTO_VERSION, __version__
+from mle_proto.v1 import agent_pb2 as pb
+from tests.agent_helpers import (
     agent_settings,
     digest_of,
     leak_check,
@@ -27,12 +29,6 @@ from agent_helpers import (
     running_agent,
     wait_for_file,
 )
-
-from mle_agent.facts import RUNTIMES
-from mle_agent.outbox import Outbox
-from mle_agent.tasks import RESTART_MESSAGE, TaskManager
-from mle_proto import PROTO_VERSION, __version__
-from mle_proto.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -199,6 +195,21 @@ def test_timeout_also_kills_a_descendant_that_left_the_group(tmp_path: Path) -> 
             await agent.start("r.escape.1", escape, timeout_seconds=1)
             await wait_for_file(pid_file)
             assert (await agent.result("r.escape.1")).state == pb.TASK_STATE_TIMED_OUT
+
+    run(scenario())
+    assert pid_dead(int(pid_file.read_text()))
+
+
+def test_timeout_kills_a_double_forked_process_by_its_environment(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    # The subshell exits at once: the setsid'd sleep is nobody's descendant when the timeout hits.
+    shell = f"(setsid sh -c 'echo $$ > {pid_file}; exec sleep 300' &); sleep 300"
+
+    async def scenario() -> None:
+        async with running_agent(agent_settings(tmp_path)) as agent:
+            await agent.start("r.daemon.1", shell, timeout_seconds=1)
+            await wait_for_file(pid_file)
+            assert (await agent.result("r.daemon.1")).state == pb.TASK_STATE_TIMED_OUT
 
     run(scenario())
     assert pid_dead(int(pid_file.read_text()))
