@@ -164,9 +164,9 @@ class Scheduler:
             blocked = [n for n in step.needs if self._steps[n].status in FINAL - {Status.SUCCEEDED}]
             if blocked:
                 need = self._steps[blocked[0]]
-                self._set_status(
-                    outcome, Status.SKIPPED, f"needs {need.step_id}, which {need.status}"
-                )
+                # Downstream of a cancelled step is cancelled too; of a failure, skipped.
+                status = Status.CANCELLED if need.status == Status.CANCELLED else Status.SKIPPED
+                self._set_status(outcome, status, f"needs {need.step_id}, which {need.status}")
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -371,8 +371,11 @@ class Scheduler:
 
     async def _finish(self, started: float) -> RunOutcome:
         statuses = {s.status for s in self._steps.values()}
-        if self._cancelled.is_set():
-            status, message = Status.CANCELLED, self._cancel_reason
+        failed = statuses & {Status.FAILED, Status.TIMED_OUT, Status.LOST}
+        if self._cancelled.is_set() or (Status.CANCELLED in statuses and not failed):
+            # A task cancelled on its agent (`mle cancel` reaches agents directly) cancels the run
+            # even before this scheduler has seen the ledger's cancel flag.
+            status, message = Status.CANCELLED, self._cancel_reason or "cancelled"
         elif statuses <= {Status.SUCCEEDED}:
             status, message = Status.SUCCEEDED, ""
         else:

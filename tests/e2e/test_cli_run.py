@@ -35,8 +35,11 @@ def _write_recipe(project: Project, text: str, name: str = "r.yaml") -> str:
 def _wait_for(predicate: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except sqlite3.OperationalError:  # the ledger is being created
+            pass
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
 
