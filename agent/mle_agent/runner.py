@@ -190,7 +190,7 @@ class _LinePump(asyncio.Protocol):
             newline = self._buffer.find(b"\n", 0, self._max + 1)
             if newline >= 0:
                 self._emit(newline, newline + 1)
-            elif len(self._buffer) >= self._max:
+            elif len(self._buffer) > self._max:  # data[max] exists: _utf8_boundary may look at it
                 cut = _utf8_boundary(self._buffer, self._max)
                 self._emit(cut, cut)
             else:
