@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -67,8 +67,21 @@ def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     from mle_proto.errors import MleError
 
+    usage_error, no_args_is_help = _parser_errors()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except no_args_is_help as e:
+        sys.stdout.write(e.ctx.get_help() + "\n")
+        sys.exit(0)
+    except usage_error as e:  # unknown option, missing argument: one line, like our errors
+        from mle_cli.render import print_error
+
+        where = e.ctx.command_path if e.ctx else "mle"
+        print_error(f"{where}: {e.format_message()}", f"see `{where} --help`")
+        sys.exit(2)
+    except typer.Abort:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     except MleError as e:
         from mle_cli.render import print_error
 
@@ -81,6 +94,22 @@ def main() -> None:
         path = _write_debug_log()
         sys.stderr.write(f"internal error: an unexpected problem occurred; details in {path}\n")
         sys.exit(70)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _parser_errors() -> tuple[type[Any], type[Any]]:
+    """The parser's UsageError and NoArgsIsHelpError classes.
+
+    Found through typer's public BadParameter because typer moved from depending on click to
+    vendoring it (`typer._click`); this works with both.
+    """
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    module = sys.modules[usage_error.__module__]
+    return usage_error, getattr(module, "NoArgsIsHelpError", _Never)
+
+
+class _Never(Exception):
+    """Raised by nothing: stands in for an exception class this parser version lacks."""
 
 
 def _write_debug_log() -> Path:

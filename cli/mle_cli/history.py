@@ -9,6 +9,7 @@ from typing import Any
 from mle_cli.ledger import Ledger
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
+from mle_proto.errors import NotFound
 from mle_proto.store import ArtifactStore
 
 __all__ = ["follow_logs", "run_detail", "run_list"]
@@ -52,6 +53,8 @@ def follow_logs(
     ledger: Ledger, run_id: str, step_id: str | None, follow: bool, poll: float = 0.3
 ) -> Iterator[dict[str, Any]]:
     """Log lines of a run in order; with follow, keep going until the run is final."""
+    if step_id is not None and step_id not in {s["step_id"] for s in ledger.steps(run_id)}:
+        raise NotFound(f"run {run_id} has no step {step_id!r}")
     cursor = 0
     while True:
         for row in ledger.logs(run_id, step_id, after=cursor):

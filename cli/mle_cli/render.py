@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +28,9 @@ __all__ = [
     "duration",
     "print_error",
     "print_json",
+    "print_log_line",
     "print_table",
+    "printable",
     "stderr_console",
     "stdout_console",
 ]
@@ -44,6 +47,26 @@ _STYLE = {
     Status.SKIPPED: "dim",
     Status.DETACHED: "yellow",
 }
+
+
+# Control characters (ESC, BEL, CR, ...) in step output could rewrite the operator's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Step output made safe for a terminal: control characters shown as \\xNN escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def print_log_line(row: Mapping[str, Any], *, json_out: bool, prefix: bool) -> None:
+    """One log line of `mle logs`: raw JSON, or printable text with its step as prefix."""
+    if json_out:
+        keys = ("task_id", "step_id", "seq", "time", "stream", "text")
+        sys.stdout.write(json.dumps({k: row[k] for k in keys}) + "\n")
+    else:
+        head = f"{row['step_id']} | " if prefix else ""
+        sys.stdout.write(head + printable(row["text"]) + "\n")
+    sys.stdout.flush()
 
 
 def stdout_console() -> Console:
@@ -140,7 +163,7 @@ class PlainProgress:
     def step_log(self, step_id: str, stream: str, text: str) -> None:
         """Print the step's line, prefixed with its step."""
         if self._show_logs:
-            self._line(f"{step_id} | {text}")
+            self._line(f"{step_id} | {printable(text)}")
 
     def pause(self) -> None:
         """Nothing to pause for plain lines."""
@@ -187,7 +210,7 @@ class LiveProgress:
 
     def step_log(self, step_id: str, stream: str, text: str) -> None:
         """Remember the step's last line."""
-        self._rows[step_id]["last"] = text
+        self._rows[step_id]["last"] = printable(text)
 
     def pause(self) -> None:
         """Stop drawing (before a prompt)."""
@@ -257,7 +280,7 @@ def print_outcome(outcome: Any) -> None:
         if step.last_lines:
             err.print(f"[red]{escape(step.step_id)}[/] last lines:")
             for line in step.last_lines:
-                err.print(f"  {escape(line)}", markup=True)
+                err.print(f"  {escape(printable(line))}")
     done = sum(1 for s in outcome.steps.values() if s.status == Status.SUCCEEDED)
     stdout_console().print(
         f"run {outcome.run_id} {styled_status(outcome.status)} in {duration(outcome.duration)}: "
@@ -318,4 +341,4 @@ def _print_failure(console: Console, step: Mapping[str, Any]) -> None:
             f"{styled_status(attempt['status'])} exit={attempt['exit_code']}"
         )
     for line in step["last_lines"]:
-        console.print(f"  | {escape(line)}")
+        console.print(f"  | {escape(printable(line))}")

@@ -6,16 +6,16 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from mle_cli.executor import Executor
 from mle_cli.ledger import Ledger, LedgerWriter
+from mle_cli.planning import check_placement
 from mle_cli.recipe.plan import Plan
 from mle_cli.scheduler import Progress, RunOutcome, Scheduler
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
 from mle_cli.targets import resolve_target
-from mle_proto.errors import InvalidInput, MleError
+from mle_proto.errors import InvalidInput, MleError, NotFound
 from mle_proto.store import ArtifactStore
 
 __all__ = ["RunControl", "cancel_run", "execute_plan", "new_run_id"]
@@ -26,12 +26,38 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-@dataclass
 class RunControl:
-    """Lets the caller (the CLI's Ctrl-C handler) cancel or detach a run in flight."""
+    """Cancels or detaches a run in flight (the CLI's Ctrl-C). A request that arrives before the
+    run is ready to act on it is kept and applied as soon as it is."""
 
-    cancel: Callable[[str], None] = lambda reason: None
-    detach: Callable[[], None] = lambda: None
+    def __init__(self) -> None:
+        self._cancel: Callable[[str], None] | None = None
+        self._detach: Callable[[], None] | None = None
+        self._pending: tuple[str, str] | None = None  # ("cancel", reason) or ("detach", "")
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the run."""
+        if self._cancel is None:
+            self._pending = self._pending or ("cancel", reason)
+        else:
+            self._cancel(reason)
+
+    def detach(self) -> None:
+        """Stop following the run; its tasks keep running."""
+        if self._detach is None:
+            self._pending = self._pending or ("detach", "")
+        else:
+            self._detach()
+
+    def attach(self, cancel: Callable[[str], None], detach: Callable[[], None]) -> None:
+        """Connect to the running run and apply a request that was waiting."""
+        self._cancel, self._detach = cancel, detach
+        if self._pending is not None:
+            action, reason = self._pending
+            if action == "cancel":
+                self.cancel(reason)
+            else:
+                self.detach()
 
 
 class _Executors:
@@ -67,6 +93,7 @@ async def execute_plan(
     control: RunControl | None = None,
 ) -> RunOutcome:
     """Record a new run of the plan in the ledger and drive it to a final state."""
+    check_placement(plan)
     run_id = run_id or new_run_id()
     store = ArtifactStore(settings.artifacts_dir)
     for shipped in plan.files:
@@ -93,7 +120,7 @@ async def execute_plan(
             driving.cancel()
 
         if control is not None:
-            control.cancel, control.detach = scheduler.cancel, detach
+            control.attach(scheduler.cancel, detach)
         watcher = asyncio.create_task(_watch_cancel_requests(settings, run_id, scheduler))
         try:
             return await driving
@@ -144,6 +171,8 @@ async def _watch_cancel_requests(settings: Settings, run_id: str, scheduler: Sch
 
 def cancel_run(settings: Settings, run_ref: str | None, wait: float = 5.0) -> Mapping[str, object]:
     """Cancel a run: flag it, kill its running tasks, and close it if no `mle run` drives it."""
+    if not settings.ledger_path.exists():
+        raise NotFound("no runs yet; start one with `mle run RECIPE`")
     ledger = Ledger(settings.ledger_path)
     try:
         run_id = ledger.resolve_run(run_ref)
@@ -178,50 +207,3 @@ async def _cancel_tasks(settings: Settings, attempts: list[dict[str, object]]) -
             pass
         finally:
             await conn.close()
-
-
-def describe_plan(plan: Plan, settings: Settings) -> dict[str, object]:
-    """What `mle plan` shows: steps in order, their stage in the DAG, placement and commands."""
-    from mle_cli.recipe import render_step
-    from mle_cli.targets import known_targets, local_agent_endpoint
-    from mle_cli.targets.local import LOCAL
-
-    stages: dict[str, int] = {}
-    steps = []
-    for step in plan.steps:
-        stages[step.id] = 1 + max((stages[n] for n in step.needs), default=0)
-        if step.target not in known_targets():
-            from mle_cli.errors import RecipeError
-
-            raise RecipeError(
-                f"no target {step.target!r}; known targets: {', '.join(known_targets())}",
-                file=step.location.file,
-                line=step.location.line,
-                col=step.location.col,
-                key=f"steps.{step.id}.on",
-            )
-        rendered = render_step(plan, step, run_id="<run>", target=step.target)
-        steps.append(
-            {
-                "id": step.id,
-                "stage": stages[step.id],
-                "needs": list(step.needs),
-                "target": step.target,
-                "run": rendered.shell,
-                "argv": list(rendered.argv) if rendered.argv is not None else None,
-                "env": rendered.env,
-                "outputs": list(step.outputs),
-                "retries": step.retries.max,
-                "timeout": step.timeout,
-            }
-        )
-    local_state = "running" if local_agent_endpoint(settings) else "started on demand"
-    return {
-        "name": plan.name,
-        "source": str(plan.source),
-        "digest": plan.digest,
-        "params": dict(plan.params),
-        "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in plan.files],
-        "targets": {LOCAL: f"embedded agent on 127.0.0.1 ({local_state})"},
-        "steps": steps,
-    }

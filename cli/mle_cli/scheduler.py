@@ -8,6 +8,7 @@ must be durable before acting (an attempt before its task starts) are flushed fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -123,22 +124,38 @@ class Scheduler:
         tasks: dict[str, asyncio.Task[None]] = {}
         canceller = asyncio.create_task(self._cancel_running())
         try:
-            while True:
-                self._settle_blocked()
-                for step in self._ready(tasks):
-                    tasks[step.id] = asyncio.create_task(self._run_step(step), name=step.id)
-                live = [t for t in tasks.values() if not t.done()]
-                if not live:
-                    break
-                await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks.values():
-                task.result()  # surface bugs instead of hiding them
+            await self._drive(tasks)
+        except Exception as e:
+            await self._abandon(e)  # a bug must not leave the run "running" and tasks orphaned
+            raise
         finally:
             canceller.cancel()
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), *self._background, return_exceptions=True)
         return await self._finish(started)
+
+    async def _drive(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        while True:
+            self._settle_blocked()
+            for step in self._ready(tasks):
+                tasks[step.id] = asyncio.create_task(self._run_step(step), name=step.id)
+            live = [t for t in tasks.values() if not t.done()]
+            if not live:
+                break
+            await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks.values():
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    task.result()  # surface a bug at once instead of hiding it
+
+    async def _abandon(self, error: Exception) -> None:
+        message = f"internal error: {type(error).__name__}: {error}"
+        for executor, task_id in list(self._running.values()):
+            await self._cancel_quietly(executor, task_id, message)
+        run_id, finished = self.run_id, time.time()
+        self._write(lambda led: led.finish_abandoned_run(run_id, Status.FAILED, message, finished))
+        with contextlib.suppress(MleError):
+            await self._writer.flush()
 
     # -- the DAG ----------------------------------------------------------------------------------
 
@@ -186,6 +203,8 @@ class Scheduler:
                 if isinstance(e, RecipeError):
                     self._finish_step(outcome, result)
                     return
+            if result.status == Status.CANCELLED and not self._cancelled.is_set():
+                self.cancel(result.text or "cancelled on the agent")  # e.g. by `mle cancel`
             if result.status == Status.SUCCEEDED or self._cancelled.is_set():
                 break
             if result.status == Status.CANCELLED or attempt > step.retries.max:
@@ -226,12 +245,15 @@ class Scheduler:
             )
             await self._writer.flush()  # the attempt is on record before the task exists
             self._set_status(outcome, Status.RUNNING, f"on {executor.name}, attempt {attempt}")
-            await executor.start(request)
             self._running[step.id] = (executor, task_id)
             try:
+                await executor.start(request)
                 if self._cancelled.is_set():  # cancelled while the task was starting
                     await executor.cancel(task_id, self._cancel_reason)
                 result = await self._follow(step, executor, task_id)
+            except MleError as e:  # the attempt cannot be followed: close it, stop its task
+                result = TaskUpdate(0, time.time(), "result", Status.FAILED, text=str(e))
+                await self._cancel_quietly(executor, task_id, f"attempt abandoned: {e}")
             finally:
                 self._running.pop(step.id, None)
         self._write(
@@ -287,6 +309,7 @@ class Scheduler:
                     if update.kind == "result":
                         self._ack_later(executor, task_id, update.seq)
                         return update
+                raise AgentUnavailable(f"agent {executor.name}: the event stream ended early")
             except AgentUnavailable as e:
                 now = time.monotonic()
                 silent_since = silent_since or now
@@ -345,12 +368,14 @@ class Scheduler:
 
     async def _cancel_running(self) -> None:
         await self._cancelled.wait()
-        reason = self._cancel_reason
         for executor, task_id in list(self._running.values()):
-            try:
-                await executor.cancel(task_id, reason)
-            except MleError as e:
-                log.warning("could not cancel %s on %s: %s", task_id, executor.name, e)
+            await self._cancel_quietly(executor, task_id, self._cancel_reason)
+
+    async def _cancel_quietly(self, executor: Executor, task_id: str, reason: str) -> None:
+        try:
+            await executor.cancel(task_id, reason)
+        except MleError as e:  # best effort: the agent may be gone, or never got the task
+            log.debug("could not cancel %s on %s: %s", task_id, executor.name, e)
 
     async def _sleep_unless_cancelled(self, delay: float) -> bool:
         try:

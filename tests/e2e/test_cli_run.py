@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -323,6 +324,7 @@ def test_an_unreachable_agent_fails_the_step_with_a_clear_error(project: Project
     assert "failed: step s lost on local: agent local silent for 1s" in stderr
     [attempt] = _rows(project, "SELECT * FROM attempts")
     assert attempt["status"] == "lost"
+    assert attempt["finished"] is not None
 
 
 def test_an_unexpected_error_prints_internal_error_and_logs_the_traceback(project: Project) -> None:
@@ -336,3 +338,99 @@ def test_an_unexpected_error_prints_internal_error_and_logs_the_traceback(projec
         f"internal error: an unexpected problem occurred; details in {debug_log}"
     )
     assert "Traceback" in debug_log.read_text()
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.7, 1.0, 1.5])
+def test_ctrl_c_at_any_moment_of_start_up_stops_the_run(project: Project, delay: float) -> None:
+    recipe = _write_recipe(
+        project, "name: s\nsteps:\n  a:\n    run: sleep 300\n  b:\n    run: sleep 300\n"
+    )
+    runner = project.spawn("run", recipe)
+    time.sleep(delay)
+    runner.send_signal(signal.SIGINT)
+    code, _, stderr = project.finish(runner)
+    assert code in (10, 130), stderr  # cancelled run, or interrupted before a run existed
+    assert "Traceback" not in stderr
+    if project.ledger.exists() and _rows(project, "SELECT * FROM runs"):
+        assert _rows(project, "SELECT status FROM runs")[0]["status"] == "cancelled"
+        assert {r["status"] for r in _rows(project, "SELECT status FROM attempts")} <= {"cancelled"}
+
+
+def test_cancel_dispatches_nothing_more_in_a_fan_out(project: Project) -> None:
+    steps = "".join(f"  s{i}:\n    run: echo up; sleep 300\n" for i in range(6))
+    recipe = _write_recipe(project, "name: fan\nsteps:\n" + steps)
+    project.env["MLE_LOCAL_AGENT_SLOTS"] = "2"
+    runner = project.spawn("run", recipe)
+    try:
+        _wait_for(lambda: len(_rows(project, "SELECT * FROM events WHERE kind='log'")) >= 2)
+        run_id = _rows(project, "SELECT id FROM runs")[0]["id"]
+        assert project.mle("cancel", run_id).returncode == 0
+    finally:
+        assert project.finish(runner)[0] == 10
+    assert len(_rows(project, "SELECT * FROM attempts")) == 2  # nothing started after the cancel
+    statuses = {r["status"] for r in _rows(project, "SELECT status FROM steps")}
+    assert statuses == {"cancelled"}
+
+
+def test_a_stale_state_file_pointing_at_another_process_is_ignored(project: Project) -> None:
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        agent_dir = project.root / ".mle/agent"
+        agent_dir.mkdir(parents=True)
+        (agent_dir / "state.json").write_text(
+            json.dumps({"pid": stranger.pid, "address": "127.0.0.1:1", "version": "0.1.0"})
+        )
+        (agent_dir / "token").write_text("stale")
+        recipe = _write_recipe(project, "name: one\nsteps:\n  one:\n    run: echo one\n")
+        proc = project.mle("run", recipe)
+        assert proc.returncode == 0, proc.stderr
+        assert project.local_agent_pid() not in (None, stranger.pid)
+        assert project.mle("agent", "stop").stdout.strip() == "local agent stopped"
+        assert stranger.poll() is None  # the stranger was never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_an_unknown_target_is_a_compile_error_for_run_too(project: Project) -> None:
+    recipe = _write_recipe(project, "name: t\nsteps:\n  a:\n    run: echo\n    on: nosuch\n")
+    proc = project.mle("run", recipe)
+    assert proc.returncode == 3
+    _assert_one_error_line(
+        proc.stderr, "r.yaml:3:3: steps.a.on: no target 'nosuch'; known targets: local"
+    )
+    assert not project.ledger.exists()
+
+
+def test_control_characters_in_step_output_never_reach_the_terminal_raw(project: Project) -> None:
+    recipe = _write_recipe(
+        project, "name: t\nsteps:\n  a:\n    run: printf 'x\\033]0;TITLE\\007y\\n'\n"
+    )
+    proc = project.mle("run", recipe)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stderr and "a | x\\x1b]0;TITLE\\x07y" in proc.stderr
+    logs = project.mle("logs", "--json").stdout
+    assert json.loads(logs)["text"] == "x\x1b]0;TITLE\x07y"  # JSON keeps the exact bytes
+    assert project.mle("logs").stdout == "a | x\\x1b]0;TITLE\\x07y\n"
+
+
+def test_bad_flags_are_one_line_errors(project: Project) -> None:
+    proc = project.mle("run", "--bogus")
+    assert proc.returncode == 2
+    _assert_one_error_line(proc.stderr, "mle run: No such option: --bogus")
+    proc = project.mle("runs", "-n", "many")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: mle runs: Invalid value for '--limit'")
+
+
+def test_a_local_agent_that_cannot_start_fails_the_run_cleanly(project: Project) -> None:
+    (project.root / ".mle").mkdir()
+    (project.root / ".mle/agent").write_text("a file where the agent's directory should be")
+    proc = project.mle("run", "recipes/hello.yaml")
+    assert proc.returncode == 10
+    assert "cannot prepare the local agent in" in proc.stderr and "Traceback" not in proc.stderr
+    assert _rows(project, "SELECT status FROM runs")[0]["status"] == "failed"
+    assert {r["status"] for r in _rows(project, "SELECT status FROM steps")} == {
+        "failed",
+        "skipped",
+    }

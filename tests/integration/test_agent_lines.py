@@ -20,7 +20,9 @@ from tests.agent_helpers import agent_settings, run, running_agent
         ("printf 'no newline at the end'", ["no newline at th", "e end"]),
     ],
 )
-def test_long_lines_are_split_at_the_limit(tmp_path: Path, script: str, expected: list[str]) -> None:
+def test_long_lines_are_split_at_the_limit(
+    tmp_path: Path, script: str, expected: list[str]
+) -> None:
     settings = agent_settings(tmp_path, max_log_line=16)
 
     async def scenario() -> list[str]:

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 from mle_cli import render
 from mle_cli.errors import RunFailed
+from mle_cli.planning import check_placement
 from mle_cli.recipe.plan import Plan
 from mle_cli.runs import RunControl, execute_plan, new_run_id
 from mle_cli.scheduler import RunOutcome
@@ -20,6 +21,7 @@ __all__ = ["drive_run", "report_outcome"]
 
 def drive_run(plan: Plan, settings: Settings, *, live: bool | None) -> RunOutcome:
     """Run the plan with progress on stderr; Ctrl-C asks whether to cancel or detach."""
+    check_placement(plan)  # a bad target is a recipe error, reported before any progress
     run_id = new_run_id()
     live = sys.stderr.isatty() if live is None else live
     progress: render.LiveProgress | render.PlainProgress

@@ -96,26 +96,11 @@ def logs(
     Example: mle logs 20261122-1530 train -f
     """
     from mle_cli.history import follow_logs
-    from mle_proto.errors import NotFound
+    from mle_cli.render import print_log_line
 
     with _ledger(ctx) as ledger:
-        run_id = ledger.resolve_run(run)
-        if step is not None and step not in {s["step_id"] for s in ledger.steps(run_id)}:
-            raise NotFound(f"run {run_id} has no step {step!r}")
-        for row in follow_logs(ledger, run_id, step, follow):
-            _print_log(row, json_out, prefix=step is None)
-
-
-def _print_log(row: dict[str, object], json_out: bool, prefix: bool) -> None:
-    import json
-    import sys
-
-    if json_out:
-        keys = ("task_id", "step_id", "seq", "time", "stream", "text")
-        sys.stdout.write(json.dumps({k: row[k] for k in keys}) + "\n")
-    else:
-        sys.stdout.write((f"{row['step_id']} | " if prefix else "") + f"{row['text']}\n")
-    sys.stdout.flush()
+        for row in follow_logs(ledger, ledger.resolve_run(run), step, follow):
+            print_log_line(row, json_out=json_out, prefix=step is None)
 
 
 def cancel(

@@ -50,8 +50,8 @@ def plan(
     Example: mle plan recipes/hello.yaml
     """
     from mle_cli import render
+    from mle_cli.planning import describe_plan
     from mle_cli.recipe import compile_recipe, parse_overrides
-    from mle_cli.runs import describe_plan
 
     settings = settings_from(ctx)
     described = describe_plan(compile_recipe(recipe, parse_overrides(param or [])), settings)

@@ -80,6 +80,9 @@ class Ledger:
         """Commit everything inside at once. BEGIN IMMEDIATE takes the write lock up front, so
         another `mle` process writing at the same time makes us wait (busy timeout) instead of
         failing with SQLITE_BUSY when a read would upgrade to a write."""
+        if self.conn.in_transaction:  # nested in the writer's batch: part of it
+            yield
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -200,9 +203,11 @@ class Ledger:
         """Ask the scheduler driving this run to cancel it."""
         self.conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
 
-    def finish_abandoned_run(self, run_id: str, status: Status, message: str) -> None:
+    def finish_abandoned_run(
+        self, run_id: str, status: Status, message: str, now: float | None = None
+    ) -> None:
         """Close a run nobody drives any more: it and its unfinished steps and attempts."""
-        now = time.time()
+        now = now or time.time()
         final = tuple(FINAL)
         marks = ",".join("?" * len(final))
         with self.transaction():

@@ -52,7 +52,8 @@ def _declared(doc: Document, value: object) -> dict[str, ParamValue]:
         path = ("params", name)
         if not _NAME.fullmatch(name):
             message = (
-                f"invalid param name {name!r}: use letters, digits and '_', starting with a letter"
+                f"invalid param name {name!r}: use letters, digits and '_', starting with a letter "
+                "(at most 63 characters)"
             )
             raise doc.error(path, message, at_key=True, label=("params",))
         if not isinstance(default, str | int | float | bool) and default is not None:

@@ -28,8 +28,9 @@ LATER_STEP_KEYS = ("matrix", "when", "uses", "with", "metrics", "cache", "each")
 DEFAULT_KEYS = ("retries", "timeout", "env")
 RETRY_KEYS = ("max", "backoff", "factor", "max_delay")
 MAX_RETRIES = 100
+MAX_ID_LENGTH = 63
 
-_STEP_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_STEP_ID = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_ID_LENGTH - 1}}}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -116,7 +117,7 @@ def _step_body(doc: Document, path: KeyPath, step_id: str, value: object) -> dic
     if not _STEP_ID.fullmatch(step_id):
         message = (
             f"invalid step id {step_id!r}: use lowercase letters, digits, '-' and '_', "
-            "starting with a letter or digit"
+            f"starting with a letter or digit (at most {MAX_ID_LENGTH} characters)"
         )
         raise doc.error(path, message, at_key=True, label=("steps",))
     if not isinstance(value, dict):

@@ -8,6 +8,7 @@ at once end up sharing one agent.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -34,38 +35,64 @@ def ensure_local_agent(settings: Settings) -> Endpoint:
     """Return the live local agent's endpoint, starting one when none is alive."""
     agent_dir = _agent_dir(settings)
     with _locked(agent_dir / "lock"):
-        endpoint = local_agent_endpoint(settings)
-        if endpoint is not None:
-            return endpoint
+        state = _live_state(agent_dir)
+        if state is not None and state.get("version") != __version__:
+            _terminate(int(state["pid"]))  # an agent of another mle version: replace it
+            state = None
+        if state is not None:
+            return _endpoint(agent_dir, state)
         return _start(settings, agent_dir)
 
 
 def local_agent_endpoint(settings: Settings) -> Endpoint | None:
-    """The endpoint of a live local agent of this mle version, or None."""
-    agent_dir = settings.local_agent_dir
-    state = _read_state(agent_dir)
-    if state is None or not _is_agent_process(int(state.get("pid", 0))):
-        return None
-    if state.get("version") != __version__:
-        _terminate(int(state["pid"]))  # an agent from another mle version: replace it
-        return None
-    token = (agent_dir / "token").read_text().strip()
-    return Endpoint(name=LOCAL, address=str(state["address"]), token=token)
+    """The endpoint of the live local agent, or None. Never starts or stops anything."""
+    state = _live_state(settings.local_agent_dir)
+    return None if state is None else _endpoint(settings.local_agent_dir, state)
 
 
 def stop_local_agent(settings: Settings, timeout: float = 30.0) -> bool:
     """Stop the local agent (it drains first); return whether one was running."""
-    state = _read_state(settings.local_agent_dir)
-    if state is None or not _is_agent_process(int(state.get("pid", 0))):
+    state = _live_state(settings.local_agent_dir)
+    if state is None:
         return False
     _terminate(int(state["pid"]), timeout)
     return True
 
 
+def _live_state(agent_dir: Path) -> dict[str, Any] | None:
+    """The state file of the agent serving agent_dir, if that very agent is alive.
+
+    The pid must be an agent started with this data dir: a stale state file whose pid now
+    belongs to another process (or another project's agent) is ignored.
+    """
+    state = _read_state(agent_dir)
+    if state is None:
+        return None
+    try:
+        cmdline = psutil.Process(int(state.get("pid", 0))).cmdline()
+    except (psutil.Error, ValueError, TypeError):
+        return None
+    serves_us = any(
+        flag == "--data-dir" and value == str(agent_dir)
+        for flag, value in itertools.pairwise(cmdline)
+    )
+    return state if serves_us else None
+
+
+def _endpoint(agent_dir: Path, state: dict[str, Any]) -> Endpoint:
+    token = (agent_dir / "token").read_text().strip()
+    return Endpoint(name=LOCAL, address=str(state["address"]), token=token)
+
+
 def _agent_dir(settings: Settings) -> Path:
     agent_dir = settings.local_agent_dir
-    agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AgentUnavailable(
+            f"cannot prepare the local agent in {agent_dir}: {e.strerror or e}"
+        ) from None
     return agent_dir
 
 
@@ -142,14 +169,6 @@ def _read_state(agent_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
-
-
-def _is_agent_process(pid: int) -> bool:
-    try:
-        cmdline = psutil.Process(pid).cmdline()
-    except (psutil.Error, ValueError):
-        return False
-    return "mle_agent" in cmdline or any(part.endswith("mle-agentd") for part in cmdline)
 
 
 def _terminate(pid: int, timeout: float = 30.0) -> None:
