@@ -17,7 +17,7 @@ import grpc.aio
 from mle_cli.executor import OutputFile, TaskRequest, TaskUpdate
 from mle_cli.targets._endpoint import Endpoint
 from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
-from mle_proto.errors import FailedPrecondition, from_rpc_error
+from mle_proto.errors import AgentUnavailable, FailedPrecondition, from_rpc_error
 from mle_proto.store import ArtifactStore
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as rpc
@@ -26,6 +26,7 @@ __all__ = ["AgentConnection", "connect"]
 
 T = TypeVar("T")
 _MAX_MESSAGE = 4 * 1024 * 1024
+_GET_ATTEMPTS = 4
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -135,7 +136,7 @@ class AgentConnection:
         """Download artifacts the local store lacks."""
         for digest in sorted(set(digests)):
             if not store.has(digest):
-                await self._call(lambda d=digest: self._get(d, store))  # type: ignore[misc]
+                await self._get(digest, store)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -150,11 +151,19 @@ class AgentConnection:
         return await self._artifacts.Put(chunks(), metadata=self._metadata)
 
     async def _get(self, digest: str, store: ArtifactStore) -> None:
+        """Download into a pending artifact, resuming from what arrived when the stream breaks."""
         with store.writer(digest) as pending:
-            async for chunk in self._artifacts.Get(
-                pb.GetRequest(digest=digest), metadata=self._metadata
-            ):
-                pending.write(chunk.data)
+            for attempt in range(_GET_ATTEMPTS):
+                request = pb.GetRequest(digest=digest, offset=pending.size)
+                try:
+                    async for chunk in self._artifacts.Get(request, metadata=self._metadata):
+                        pending.write(chunk.data)
+                    break
+                except grpc.RpcError as e:
+                    error = from_rpc_error(e, agent=self.name)
+                    if not isinstance(error, AgentUnavailable) or attempt == _GET_ATTEMPTS - 1:
+                        raise error from None
+                    await asyncio.sleep(0.2 * 2**attempt)
             pending.commit()
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
