@@ -171,7 +171,7 @@ def main() -> int:
     summary = summarize(results, n)
     print(json.dumps({"steps": n, **results, **summary}, indent=2))
     if args.out:
-        write_markdown(args.out, n, results, summary)
+        write_markdown(args.out, n, args.repeat, results, summary)
     return 0
 
 
@@ -193,12 +193,15 @@ def summarize(r: dict[str, float], n: int) -> dict[str, float]:
     return s
 
 
-def write_markdown(path: Path, n: int, r: dict[str, float], s: dict[str, float]) -> None:
+def write_markdown(
+    path: Path, n: int, repeat: int, r: dict[str, float], s: dict[str, float]
+) -> None:
     """Append one dated section with the figures and the command that produced them."""
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     lines = [
         f"\n## dispatch — {time.strftime('%Y-%m-%d %H:%M')} ({machine})\n",
-        f"Command: `python bench/dispatch.py --steps {n} --out {path}`; best of repeats; "
+        f"Command: `python bench/dispatch.py --steps {n} --repeat {repeat} --out {path}`; "
+        "best of the repeats; "
         "warm local agent; each step runs `true` in its own process.\n",
         "| measure | mle | floor (direct spawn) | Dask LocalCluster | target |",
         "|---|---|---|---|---|",
