@@ -49,7 +49,8 @@ def test_a_terminal_gets_a_live_table_of_steps(project: Project) -> None:
         assert any(row.lstrip().startswith(step) for row in table_rows), screen.getvalue()
 
 
-def test_ctrl_c_on_a_terminal_asks_and_can_detach(project: Project) -> None:
+def _interrupt_and_answer(project: Project, answer: str) -> pexpect.spawn:
+    """Start a long run on a terminal, press Ctrl-C once it runs, answer the prompt."""
     (project.root / "long.yaml").write_text(
         "name: long\nsteps:\n  long:\n    run: echo going; sleep 300\n"
     )
@@ -58,10 +59,15 @@ def test_ctrl_c_on_a_terminal_asks_and_can_detach(project: Project) -> None:
         child.expect("going|running")
         child.sendintr()
         child.expect(r"\[c\]ancel run .*\[d\]etach")
-        child.sendline("d")
+        child.sendline(answer)
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+    return child
+
+
+def test_ctrl_c_on_a_terminal_asks_and_can_detach(project: Project) -> None:
+    child = _interrupt_and_answer(project, "d")
     assert child.exitstatus == 0
     assert _status(project, "SELECT status FROM runs") == [("detached",)]
     assert _status(project, "SELECT status FROM attempts") == [("running",)]  # still running
@@ -72,18 +78,7 @@ def test_ctrl_c_on_a_terminal_asks_and_can_detach(project: Project) -> None:
 
 
 def test_ctrl_c_on_a_terminal_can_cancel(project: Project) -> None:
-    (project.root / "long.yaml").write_text(
-        "name: long\nsteps:\n  long:\n    run: echo going; sleep 300\n"
-    )
-    child = _spawn(project, "run", "long.yaml")
-    try:
-        child.expect("going|running")
-        child.sendintr()
-        child.expect(r"\[c\]ancel run")
-        child.sendline("c")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
+    child = _interrupt_and_answer(project, "c")
     assert child.exitstatus == 10
     assert "was cancelled" in child.before
     assert _status(project, "SELECT status FROM attempts") == [("cancelled",)]

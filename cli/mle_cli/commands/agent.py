@@ -11,12 +11,14 @@ from mle_cli.commands._common import settings_from
 __all__ = ["app"]
 
 app = typer.Typer(help="Manage agents.", no_args_is_help=True)
+# Remote agents arrive with `--target`; until then `--local` (the default) is the only choice.
+LocalOpt = Annotated[bool, typer.Option("--local", help="The embedded local agent (default).")]
 
 
 @app.command()
 def start(
     ctx: typer.Context,
-    local: Annotated[bool, typer.Option("--local", help="The embedded local agent.")] = True,
+    local: LocalOpt = True,
 ) -> None:
     """Start the local agent (or find the running one) and print its address.
 
@@ -32,7 +34,7 @@ def start(
 @app.command()
 def stop(
     ctx: typer.Context,
-    local: Annotated[bool, typer.Option("--local", help="The embedded local agent.")] = True,
+    local: LocalOpt = True,
 ) -> None:
     """Stop the local agent; it lets running tasks finish first (up to its drain timeout).
 
