@@ -145,3 +145,33 @@ def test_the_ledger_opens_in_the_sqlite3_cli(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert out.split() == ["run1|pending", "ok"]
+
+
+def test_the_ledger_opens_in_the_sqlite_utils_cli(tmp_path: Path) -> None:
+    import json
+    import shutil
+    import sys
+
+    cli = shutil.which("sqlite-utils", path=str(Path(sys.executable).parent)) or shutil.which(
+        "sqlite-utils"
+    )
+    if cli is None:
+        pytest.skip("the sqlite-utils command is not installed (pip install sqlite-utils)")
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    ledger.close()
+    out = subprocess.run(
+        [
+            cli,
+            "query",
+            str(tmp_path / "l.db"),
+            "select step_id, status from steps order by position",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out) == [
+        {"step_id": "a", "status": "pending"},
+        {"step_id": "b", "status": "pending"},
+    ]

@@ -1,4 +1,4 @@
-"""Helpers every command uses: settings from the context, and reading options."""
+"""What every command needs: the settings for this invocation."""
 
 from __future__ import annotations
 
