@@ -241,10 +241,11 @@ def test_the_local_agent_is_reused_and_protected_by_a_token(project: Project) ->
     assert token.read_text().strip() not in (project.root / ".mle/agent/agent.log").read_text()
 
 
-def test_two_runs_at_once_share_one_local_agent(project: Project) -> None:
+def test_runs_started_at_once_share_one_local_agent_and_ledger(project: Project) -> None:
     recipe = _write_recipe(project, "name: pair\nsteps:\n  a:\n    run: sleep 0.5; echo a\n")
-    runners = [project.spawn("run", recipe) for _ in range(2)]
-    assert [project.finish(r)[0] for r in runners] == [0, 0]
+    runners = [project.spawn("run", recipe) for _ in range(3)]  # all creating one new ledger
+    results = [project.finish(r) for r in runners]
+    assert [code for code, _, _ in results] == [0, 0, 0], [err for _, _, err in results]
     agents = {a["address"] for a in _rows(project, "SELECT address FROM attempts")}
     assert len(agents) == 1
 

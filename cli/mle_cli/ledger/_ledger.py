@@ -54,6 +54,23 @@ class ArtifactRecord:
     size: int
 
 
+_BUSY_TIMEOUT = 10.0
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying: while another process creates the same new ledger, SQLite
+    answers "database is locked" at once, without waiting for the busy timeout."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Ledger:
     """Reads and writes the ledger. One instance per thread (sqlite3 connections are not shared)."""
 
@@ -61,8 +78,8 @@ class Ledger:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=10, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             migrate(conn)
