@@ -13,7 +13,9 @@ class Status(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"
+    WAITING = "waiting"  # an approval gate waits for `mle approve`
     SUCCEEDED = "succeeded"
+    CACHED = "cached"  # succeeded earlier with the same cache key: outputs reused, not run
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed-out"
@@ -23,5 +25,5 @@ class Status(StrEnum):
 
 
 FINAL = frozenset(
-    {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT, Status.SKIPPED}
+    {Status.SUCCEEDED, Status.CACHED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT, Status.SKIPPED}
 )

@@ -61,6 +61,15 @@ class Step:
     retries: RetryPolicy
     timeout: float | None
     location: SourceLocation
+    # Matrix: the values of this child, and the name of the step it was expanded from.
+    matrix: Mapping[str, ParamValue] = field(default_factory=dict)
+    group: str = ""
+    when: str | None = None  # expression source, checked at compile time, evaluated at dispatch
+    trigger: str = "all-succeeded"  # all-succeeded | none-failed | all-done
+    metrics: str | None = None  # work-dir path of the step's JSON metrics file
+    uses: str | None = None  # a built-in step: "mle/approve", "mle/select"
+    options: Mapping[str, ParamValue] = field(default_factory=dict)  # `with:` (template sources)
+    cache: bool = True
 
 
 @dataclass(frozen=True)

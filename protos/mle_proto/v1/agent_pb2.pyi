@@ -811,3 +811,86 @@ class GetChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetChunk: _TypeAlias = GetChunk  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    interval_seconds: _builtins.float
+    """0 = the agent's default; the agent clamps it to a sane range"""
+    def __init__(
+        self,
+        *,
+        interval_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class AgentHeartbeat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    RUNNING_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    LOAD1_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_CELSIUS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    boot_id: _builtins.str
+    """changes when the agent restarts"""
+    time: _builtins.float
+    """unix seconds, agent clock"""
+    slots: _builtins.int
+    running_tasks: _builtins.int
+    cpu_percent: _builtins.float
+    """whole machine, 0-100"""
+    load1: _builtins.float
+    """1-minute load average"""
+    memory_used_bytes: _builtins.int
+    memory_total_bytes: _builtins.int
+    disk_free_bytes: _builtins.int
+    """where the agent keeps its data"""
+    temperature_celsius: _builtins.float
+    """absent when the board has no sensor"""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tasks not yet finished"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        time: _builtins.float = ...,
+        slots: _builtins.int = ...,
+        running_tasks: _builtins.int = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        cpu_percent: _builtins.float = ...,
+        load1: _builtins.float = ...,
+        memory_used_bytes: _builtins.int = ...,
+        memory_total_bytes: _builtins.int = ...,
+        disk_free_bytes: _builtins.int = ...,
+        temperature_celsius: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature_celsius", b"_temperature_celsius", "temperature_celsius", b"temperature_celsius"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature_celsius", b"_temperature_celsius", "boot_id", b"boot_id", "cpu_percent", b"cpu_percent", "disk_free_bytes", b"disk_free_bytes", "load1", b"load1", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "name", b"name", "running_tasks", b"running_tasks", "slots", b"slots", "task_ids", b"task_ids", "temperature_celsius", b"temperature_celsius", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__temperature_celsius: _TypeAlias = _typing.Literal["temperature_celsius"]  # noqa: Y015
+    _WhichOneofArgType__temperature_celsius: _TypeAlias = _typing.Literal["_temperature_celsius", b"_temperature_celsius"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_celsius) -> _WhichOneofReturnType__temperature_celsius | None: ...
+
+Global___AgentHeartbeat: _TypeAlias = AgentHeartbeat  # noqa: Y015

@@ -65,6 +65,11 @@ class AgentStub:
                 request_serializer=mle__proto_dot_v1_dot_agent__pb2.AckRequest.SerializeToString,
                 response_deserializer=mle__proto_dot_v1_dot_agent__pb2.AckResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_stream(
+                '/mle.v1.Agent/Heartbeat',
+                request_serializer=mle__proto_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=mle__proto_dot_v1_dot_agent__pb2.AgentHeartbeat.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -114,6 +119,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Streams a heartbeat every interval until the caller goes away: liveness, load, running tasks.
+        The first heartbeat is sent at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Ack,
                     request_deserializer=mle__proto_dot_v1_dot_agent__pb2.AckRequest.FromString,
                     response_serializer=mle__proto_dot_v1_dot_agent__pb2.AckResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=mle__proto_dot_v1_dot_agent__pb2.HeartbeatRequest.FromString,
+                    response_serializer=mle__proto_dot_v1_dot_agent__pb2.AgentHeartbeat.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class Agent:
             '/mle.v1.Agent/Ack',
             mle__proto_dot_v1_dot_agent__pb2.AckRequest.SerializeToString,
             mle__proto_dot_v1_dot_agent__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mle.v1.Agent/Heartbeat',
+            mle__proto_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
+            mle__proto_dot_v1_dot_agent__pb2.AgentHeartbeat.FromString,
             options,
             channel_credentials,
             insecure,

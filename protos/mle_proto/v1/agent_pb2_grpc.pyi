@@ -51,6 +51,10 @@ class AgentStub:
     """Lists tasks the agent knows, optionally of one run."""
     Ack: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AckRequest, _agent_pb2.AckResponse]
     """The operator has durably recorded events up to upto_seq: the agent may prune them."""
+    Heartbeat: _grpc.UnaryStreamMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.AgentHeartbeat]
+    """Streams a heartbeat every interval until the caller goes away: liveness, load, running tasks.
+    The first heartbeat is sent at once.
+    """
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -71,6 +75,10 @@ class AgentAsyncStub(AgentStub):
     """Lists tasks the agent knows, optionally of one run."""
     Ack: _aio.UnaryUnaryMultiCallable[_agent_pb2.AckRequest, _agent_pb2.AckResponse]  # type: ignore[assignment]
     """The operator has durably recorded events up to upto_seq: the agent may prune them."""
+    Heartbeat: _aio.UnaryStreamMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.AgentHeartbeat]  # type: ignore[assignment]
+    """Streams a heartbeat every interval until the caller goes away: liveness, load, running tasks.
+    The first heartbeat is sent at once.
+    """
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     """Agent runs tasks for the operator and reports what happened."""
@@ -124,6 +132,16 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.AckResponse, _abc.Awaitable[_agent_pb2.AckResponse]]:
         """The operator has durably recorded events up to upto_seq: the agent may prune them."""
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _agent_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.AgentHeartbeat], _abc.AsyncIterator[_agent_pb2.AgentHeartbeat]]:
+        """Streams a heartbeat every interval until the caller goes away: liveness, load, running tasks.
+        The first heartbeat is sent at once.
+        """
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
