@@ -66,6 +66,11 @@ class Executor(Protocol):
 
     name: str
     address: str
+    platform: str  # platform class for the step cache, e.g. "linux-x86_64"
+
+    def silent_for(self) -> float:
+        """Seconds since the executor last showed it is alive (0 while it is)."""
+        ...
 
     def slot(self) -> AbstractAsyncContextManager[None]:
         """Held while an attempt runs, so no executor gets more tasks than it has slots."""

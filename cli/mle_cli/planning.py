@@ -1,23 +1,25 @@
-"""What a plan would do before it runs: placement checks and the description `mle plan` shows."""
+"""What a plan would do before it runs: placement checks, cache predictions, and the description
+`mle plan` shows."""
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 from mle_cli.errors import RecipeError
 from mle_cli.recipe import render_step
-from mle_cli.recipe.plan import Plan
+from mle_cli.recipe.plan import Plan, Step
 from mle_cli.settings import Settings
 from mle_cli.targets import LOCAL, known_targets, local_agent_endpoint
 
-__all__ = ["check_placement", "describe_plan"]
+__all__ = ["check_placement", "describe_plan", "local_platform"]
 
 
 def check_placement(plan: Plan) -> None:
     """Every step's target exists; otherwise a located error naming the known targets."""
     targets = known_targets()
     for step in plan.steps:
-        if step.target not in targets:
+        if step.uses is None and step.target not in targets:
             raise RecipeError(
                 f"no target {step.target!r}; known targets: {', '.join(targets)}",
                 file=step.location.file,
@@ -27,35 +29,135 @@ def check_placement(plan: Plan) -> None:
             )
 
 
-def describe_plan(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """Steps in order with their DAG stage, placement, rendered command and outputs."""
+def local_platform() -> str:
+    """The platform class of this machine, as the local agent reports it."""
+    from mle_cli.targets.connection import platform_class
+
+    return platform_class(platform.system(), platform.machine())
+
+
+def describe_plan(plan: Plan, settings: Settings, *, use_cache: bool = True) -> dict[str, Any]:
+    """Steps in order with their DAG stage, placement, rendered command, outputs and whether
+    each would be cached, and why not."""
     check_placement(plan)
+    predictor = _CachePredictor(plan, settings, use_cache)
     stages: dict[str, int] = {}
     steps = []
-    for step in plan.steps:
-        stages[step.id] = 1 + max((stages[n] for n in step.needs), default=0)
-        rendered = render_step(plan, step, run_id="<run>", target=step.target)
-        steps.append(
-            {
-                "id": step.id,
-                "stage": stages[step.id],
-                "needs": list(step.needs),
-                "target": step.target,
-                "run": rendered.shell,
-                "argv": list(rendered.argv) if rendered.argv is not None else None,
-                "env": rendered.env,
-                "outputs": list(step.outputs),
-                "retries": step.retries.max,
-                "timeout": step.timeout,
-            }
-        )
+    try:
+        for step in plan.steps:
+            stages[step.id] = 1 + max((stages[n] for n in step.needs), default=0)
+            steps.append(_describe_step(plan, step, stages[step.id], predictor.predict(step)))
+    finally:
+        predictor.close()
     local_state = "running" if local_agent_endpoint(settings) else "started on demand"
     return {
         "name": plan.name,
         "source": str(plan.source),
         "digest": plan.digest,
+        "hash": plan.hash,
         "params": dict(plan.params),
         "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in plan.files],
         "targets": {LOCAL: f"embedded agent on 127.0.0.1 ({local_state})"},
         "steps": steps,
     }
+
+
+def _describe_step(plan: Plan, step: Step, stage: int, cache: dict[str, str]) -> dict[str, Any]:
+    shell: str | None = None
+    argv: list[str] | None = None
+    env: dict[str, str] = {}
+    if step.uses is None:
+        try:
+            rendered = render_step(plan, step, run_id="<run>", target=step.target)
+            shell, env = rendered.shell, dict(rendered.env)
+            argv = list(rendered.argv) if rendered.argv is not None else None
+        except RecipeError:
+            shell = "(rendered at dispatch: it uses results of earlier steps)"
+    return {
+        "id": step.id,
+        "stage": stage,
+        "needs": list(step.needs),
+        "target": "operator" if step.uses else step.target,
+        "uses": step.uses,
+        "when": step.when,
+        "matrix": dict(step.matrix),
+        "run": shell,
+        "argv": argv,
+        "env": env,
+        "outputs": list(step.outputs),
+        "metrics": step.metrics,
+        "retries": step.retries.max,
+        "timeout": step.timeout,
+        "cache": cache,
+    }
+
+
+class _CachePredictor:
+    """Walks the plan in order, predicting cache hits from the ledger and the project store.
+    A step can only be predicted when every step it needs is predicted to be cached."""
+
+    def __init__(self, plan: Plan, settings: Settings, use_cache: bool) -> None:
+        from mle_cli.ledger import Ledger
+        from mle_proto.store import ArtifactStore
+
+        self._plan = plan
+        self._use_cache = use_cache
+        self._ledger = Ledger(settings.ledger_path) if settings.ledger_path.exists() else None
+        self._store = ArtifactStore(settings.artifacts_dir)
+        self._known: dict[str, dict[str, Any]] = {}  # step -> what templates see of it
+        self._outputs: dict[str, dict[str, str]] = {}  # step -> path -> digest
+        self._platform = local_platform()
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+
+    def predict(self, step: Step) -> dict[str, str]:
+        if step.uses is not None:
+            return {"result": "-", "reason": "built-in step, runs on the operator side"}
+        if not (step.cache and self._use_cache):
+            return {"result": "off", "reason": "cache: false" if not step.cache else "--no-cache"}
+        unknown = [n for n in step.needs if n not in self._known]
+        if unknown:
+            return {"result": "miss", "reason": f"runs after {unknown[0]}, which will run"}
+        if step.when is not None:
+            return {"result": "miss", "reason": "its `when:` is decided at run time"}
+        return self._lookup(step)
+
+    def _lookup(self, step: Step) -> dict[str, str]:
+        from mle_cli import caching
+        from mle_cli.ledger import queries
+        from mle_cli.scheduler import task_request
+
+        inputs = {f.path: f.digest for f in self._plan.files}
+        for need in step.needs:
+            inputs.update(self._outputs[need])
+        try:
+            request = task_request(
+                self._plan,
+                step,
+                run_id="<run>",
+                target=step.target,
+                attempt=0,
+                inputs=inputs,
+                steps=self._known,
+            )
+        except RecipeError:
+            return {"result": "miss", "reason": "its command uses results not known yet"}
+        files = {f.path: f.digest for f in self._plan.files}
+        parts = caching.cache_parts(request, files, self._platform)
+        if self._ledger is None:
+            return {"result": "miss", "reason": "no earlier runs"}
+        hit = caching.find_hit(
+            self._ledger, caching.cache_key(parts), self._store, step.outputs
+        )
+        if hit is None:
+            previous = queries.last_cache_parts(self._ledger, self._plan.name, step.id)
+            return {"result": "miss", "reason": caching.explain_miss(previous, parts)}
+        self._known[step.id] = {
+            "status": "cached",
+            "metrics": dict(hit.metrics),
+            "outputs": list(hit.outputs),
+        }
+        self._outputs[step.id] = {p: o.digest for p, o in hit.outputs.items()}
+        return {"result": "hit", "reason": f"same inputs as run {hit.run_id}/{hit.step_id}"}

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
+from mle_cli import faults
 from mle_cli.executor import Executor
 from mle_cli.ledger import Ledger, LedgerWriter
 from mle_cli.planning import check_placement
 from mle_cli.recipe.plan import Plan
-from mle_cli.scheduler import Progress, RunOutcome, Scheduler
+from mle_cli.recovery import load_prior
+from mle_cli.scheduler import Progress, RunOutcome, Scheduler, SchedulerOptions
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
 from mle_cli.targets import resolve_target
-from mle_proto.errors import InvalidInput, MleError, NotFound
+from mle_proto.errors import FailedPrecondition, InvalidInput, MleError, NotFound
 from mle_proto.store import ArtifactStore
 
-__all__ = ["RunControl", "cancel_run", "execute_plan", "new_run_id"]
+__all__ = [
+    "RunControl",
+    "cancel_run",
+    "execute_plan",
+    "load_resumable",
+    "new_run_id",
+    "run_lock",
+]
 
 
 def new_run_id() -> str:
@@ -61,27 +73,59 @@ class RunControl:
 
 
 class _Executors:
-    """One connection per target, opened on first use."""
+    """One connection per target, opened on first use, and opened again once its agent has been
+    silent past the grace period (a restarted local agent listens on a new port)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._open: dict[str, asyncio.Task[Executor]] = {}
+        self._all: list[asyncio.Task[Executor]] = []
 
     async def get(self, target: str) -> Executor:
-        if target not in self._open:
-            self._open[target] = asyncio.create_task(self._connect(target))
-        return await self._open[target]
+        task = self._open.get(target)
+        if task is not None and task.done() and not task.cancelled():
+            stale = task.exception() is not None
+            if not stale and task.result().silent_for() > self._settings.agent_grace:
+                stale = True
+            if stale:
+                task = None
+        if task is None:
+            task = asyncio.create_task(self._connect(target))
+            self._open[target] = task
+            self._all.append(task)
+        return await task
 
     async def _connect(self, target: str) -> Executor:
         from mle_cli.targets.connection import connect
 
         endpoint = await asyncio.to_thread(resolve_target, target, self._settings)
-        return await connect(endpoint, self._settings.rpc_timeout)
+        return await connect(
+            endpoint, self._settings.rpc_timeout, self._settings.heartbeat_interval
+        )
 
     async def close(self) -> None:
-        for task in self._open.values():
+        for task in self._all:
             if task.done() and not task.cancelled() and task.exception() is None:
                 await task.result().close()
+
+
+def load_resumable(settings: Settings, run_ref: str | None) -> tuple[Plan, str]:
+    """The plan and id of a run that can be resumed."""
+    if not settings.ledger_path.exists():
+        raise NotFound("no runs yet; start one with `mle run RECIPE`")
+    from mle_cli.recipe import plan_from_json
+
+    ledger = Ledger(settings.ledger_path)
+    try:
+        run_id = ledger.resolve_run(run_ref)
+        run = ledger.run(run_id)
+    finally:
+        ledger.close()
+    if not run["plan"]:
+        raise FailedPrecondition(f"run {run_id} was recorded without its plan; it cannot resume")
+    with run_lock(settings, run_id):  # fail now, before any progress is shown
+        pass
+    return plan_from_json(run["plan"]), run_id
 
 
 async def execute_plan(
@@ -91,48 +135,100 @@ async def execute_plan(
     *,
     run_id: str | None = None,
     control: RunControl | None = None,
+    resume: bool = False,
+    use_cache: bool = True,
 ) -> RunOutcome:
-    """Record a new run of the plan in the ledger and drive it to a final state."""
+    """Record a new run of the plan in the ledger (or resume one) and drive it to a final state."""
     check_placement(plan)
     run_id = run_id or new_run_id()
     store = ArtifactStore(settings.artifacts_dir)
     for shipped in plan.files:
-        if not store.has(shipped.digest) and store.put_file(shipped.source)[0] != shipped.digest:
-            raise InvalidInput(f"{shipped.path} changed while the run was starting; run it again")
-    writer = LedgerWriter(settings.ledger_path)
-    executors = _Executors(settings)
-    try:
-        writer.submit(lambda led: _create_run(led, plan, run_id))
-        scheduler = Scheduler(
-            plan,
-            run_id,
-            executor_for=executors.get,
-            writer=writer,
-            store=store,
-            progress=progress,
-            watch_grace=settings.watch_grace,
-        )
-        driving = asyncio.create_task(scheduler.run())
-        detached = asyncio.Event()
-
-        def detach() -> None:
-            detached.set()
-            driving.cancel()
-
-        if control is not None:
-            control.attach(scheduler.cancel, detach)
-        watcher = asyncio.create_task(_watch_cancel_requests(settings, run_id, scheduler))
+        if store.has(shipped.digest):
+            continue
+        if resume or store.put_file(shipped.source)[0] != shipped.digest:
+            what = "is no longer in the project store" if resume else "changed while starting"
+            raise InvalidInput(f"{shipped.path} {what}; run the recipe again")
+    with run_lock(settings, run_id):
+        writer = LedgerWriter(settings.ledger_path)
+        reader = Ledger(settings.ledger_path)
+        executors = _Executors(settings)
         try:
-            return await driving
-        except asyncio.CancelledError:
-            if not detached.is_set():
-                raise
-            return await _detach(writer, run_id, scheduler)
+            if resume:
+                prior = load_prior(reader, run_id)
+            else:
+                prior = {}
+                writer.submit(lambda led: _create_run(led, plan, run_id))
+                await writer.flush()
+                faults.point("run-created")
+            options = SchedulerOptions(
+                agent_grace=settings.agent_grace,
+                poll_interval=settings.cancel_poll_interval,
+                use_cache=use_cache,
+            )
+            scheduler = Scheduler(
+                plan,
+                run_id,
+                executor_for=executors.get,
+                writer=writer,
+                reader=reader,
+                store=store,
+                progress=progress,
+                options=options,
+                prior=prior,
+            )
+            return await _follow(settings, writer, scheduler, control)
         finally:
-            watcher.cancel()
+            await executors.close()
+            reader.close()
+            writer.close()
+
+
+async def _follow(
+    settings: Settings, writer: LedgerWriter, scheduler: Scheduler, control: RunControl | None
+) -> RunOutcome:
+    """Drive the scheduler, honouring Ctrl-C (cancel or detach) and `mle cancel`."""
+    driving = asyncio.create_task(scheduler.run())
+    detached = asyncio.Event()
+
+    def detach() -> None:
+        detached.set()
+        driving.cancel()
+
+    if control is not None:
+        control.attach(scheduler.cancel, detach)
+    watcher = asyncio.create_task(_watch_cancel_requests(settings, scheduler.run_id, scheduler))
+    try:
+        return await driving
+    except asyncio.CancelledError:
+        if not detached.is_set():
+            raise
+        return await _detach(writer, scheduler.run_id, scheduler)
     finally:
-        await executors.close()
-        writer.close()
+        watcher.cancel()
+
+
+@contextlib.contextmanager
+def run_lock(settings: Settings, run_id: str) -> Iterator[None]:
+    """Only one process drives a run at a time; the lock dies with its process."""
+    path = settings.mle_dir / "runs" / f"{run_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FailedPrecondition(
+                f"run {run_id} is being driven by {holder}; wait for it, or `mle cancel {run_id}`"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"mle pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 async def _detach(writer: LedgerWriter, run_id: str, scheduler: Scheduler) -> RunOutcome:
@@ -143,6 +239,8 @@ async def _detach(writer: LedgerWriter, run_id: str, scheduler: Scheduler) -> Ru
 
 
 def _create_run(ledger: Ledger, plan: Plan, run_id: str) -> None:
+    from mle_cli.recipe import plan_to_json
+
     ledger.create_run(
         run_id,
         recipe=plan.name,
@@ -150,6 +248,8 @@ def _create_run(ledger: Ledger, plan: Plan, run_id: str) -> None:
         recipe_digest=plan.digest,
         params=dict(plan.params),
         steps=[(s.id, s.target, s.needs) for s in plan.steps],
+        plan=plan_to_json(plan),
+        plan_hash=plan.hash,
     )
 
 

@@ -26,7 +26,8 @@ class Settings:
     project_dir: Path
     agent_start_timeout: float = 20.0
     rpc_timeout: float = 15.0
-    watch_grace: float = 30.0
+    heartbeat_interval: float = 2.0  # agents heartbeat this often while a run uses them
+    agent_grace: float = 10.0  # an agent silent this long has lost its running attempts
     cancel_poll_interval: float = 0.5
     local_agent_slots: int = 0  # 0 = the agent's default (its cpu count)
 

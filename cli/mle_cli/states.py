@@ -24,6 +24,16 @@ class Status(StrEnum):
     DETACHED = "detached"
 
 
+# Nothing more will happen to a run, step or attempt in one of these states (a step resumed later
+# gets new attempts).
 FINAL = frozenset(
-    {Status.SUCCEEDED, Status.CACHED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT, Status.SKIPPED}
+    {
+        Status.SUCCEEDED,
+        Status.CACHED,
+        Status.FAILED,
+        Status.CANCELLED,
+        Status.TIMED_OUT,
+        Status.SKIPPED,
+        Status.LOST,
+    }
 )

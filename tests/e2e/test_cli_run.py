@@ -307,7 +307,7 @@ def test_unknown_param_and_unknown_run_are_clear_errors(project: Project) -> Non
 
 def test_an_unreachable_agent_fails_the_step_with_a_clear_error(project: Project) -> None:
     recipe = _write_recipe(project, "name: lost\nsteps:\n  s:\n    run: echo started; sleep 300\n")
-    project.env["MLE_WATCH_GRACE"] = "1"
+    project.env["MLE_AGENT_GRACE"] = "1"
     runner = project.spawn("run", recipe)
     try:
         _wait_for(

@@ -19,19 +19,29 @@ from mle_cli.states import Status
 __all__ = ["drive_run", "report_outcome"]
 
 
-def drive_run(plan: Plan, settings: Settings, *, live: bool | None) -> RunOutcome:
-    """Run the plan with progress on stderr; Ctrl-C asks whether to cancel or detach."""
+def drive_run(
+    plan: Plan,
+    settings: Settings,
+    *,
+    live: bool | None,
+    resume: str | None = None,
+    use_cache: bool = True,
+) -> RunOutcome:
+    """Run the plan (or resume the run `resume`) with progress on stderr; Ctrl-C asks whether
+    to cancel or detach."""
     check_placement(plan)  # a bad target is a recipe error, reported before any progress
-    run_id = new_run_id()
+    run_id = resume or new_run_id()
     live = sys.stderr.isatty() if live is None else live
     progress: render.LiveProgress | render.PlainProgress
+    verb = "resuming run" if resume else "run"
     if live:
-        progress = render.LiveProgress([s.id for s in plan.steps], f"run {run_id} ({plan.name})")
+        progress = render.LiveProgress([s.id for s in plan.steps], f"{verb} {run_id} ({plan.name})")
     else:
         progress = render.PlainProgress()
-        sys.stderr.write(f"run {run_id} ({plan.name}): {len(plan.steps)} steps\n")
+        sys.stderr.write(f"{verb} {run_id} ({plan.name}): {len(plan.steps)} steps\n")
+    options = {"resume": resume is not None, "use_cache": use_cache}
     with progress if isinstance(progress, render.LiveProgress) else nullcontext():
-        return asyncio.run(_drive(plan, settings, progress, run_id))
+        return asyncio.run(_drive(plan, settings, progress, run_id, options))
 
 
 async def _drive(
@@ -39,6 +49,7 @@ async def _drive(
     settings: Settings,
     progress: render.LiveProgress | render.PlainProgress,
     run_id: str,
+    options: dict[str, bool],
 ) -> RunOutcome:
     control = RunControl()
     loop = asyncio.get_running_loop()
@@ -61,7 +72,9 @@ async def _drive(
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
-        return await execute_plan(plan, settings, progress, run_id=run_id, control=control)
+        return await execute_plan(
+            plan, settings, progress, run_id=run_id, control=control, **options
+        )
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         for task in asking:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from mle_cli.ledger import _queries as queries
 from mle_cli.ledger._ledger import ArtifactRecord, EventRecord, Ledger, LedgerError
 from mle_cli.ledger._writer import LedgerWriter
 
-__all__ = ["ArtifactRecord", "EventRecord", "Ledger", "LedgerError", "LedgerWriter"]
+__all__ = ["ArtifactRecord", "EventRecord", "Ledger", "LedgerError", "LedgerWriter", "queries"]

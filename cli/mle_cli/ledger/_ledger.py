@@ -119,8 +119,10 @@ class Ledger:
         recipe_digest: str,
         params: Mapping[str, Any],
         steps: Sequence[tuple[str, str, Sequence[str]]],
+        plan: str = "",
+        plan_hash: str = "",
     ) -> None:
-        """Record a new run and its steps (id, target, needs), all pending."""
+        """Record a new run, its plan (JSON, for resume) and its steps (id, target, needs)."""
         now = time.time()
         self.db.table("runs").insert(
             {
@@ -131,6 +133,8 @@ class Ledger:
                 "params": json.dumps(params, sort_keys=True),
                 "status": Status.PENDING,
                 "created": now,
+                "plan": plan or None,
+                "plan_hash": plan_hash or None,
             }
         )
         self.db.table("steps").insert_all(
@@ -180,6 +184,70 @@ class Ledger:
     def update_attempt(self, task_id: str, **fields: Any) -> None:
         """Set fields of an attempt."""
         self.db.table("attempts").update(task_id, fields)
+
+    def finish_attempt(
+        self,
+        task_id: str,
+        *,
+        status: str,
+        exit_code: int | None,
+        message: str,
+        finished: float,
+        outputs: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Record an attempt's result. A fenced attempt keeps its status: the result is late."""
+        row = self.conn.execute("SELECT fenced FROM attempts WHERE task_id = ?", (task_id,))
+        fenced = (row.fetchone() or (0,))[0]
+        if fenced:
+            self.conn.execute(
+                "UPDATE attempts SET late_status = ?, message = message || ? WHERE task_id = ?",
+                (status, f"; late result {status} ignored (fenced)", task_id),
+            )
+            return
+        self.update_attempt(
+            task_id,
+            status=status,
+            exit_code=exit_code,
+            message=message,
+            finished=finished,
+            outputs=json.dumps(list(outputs)),
+        )
+
+    def fence_attempt(self, task_id: str, message: str, now: float | None = None) -> None:
+        """Declare an attempt lost: whatever it reports later cannot change its step."""
+        self.update_attempt(
+            task_id, status=Status.LOST, fenced=1, message=message, finished=now or time.time()
+        )
+
+    def record_metrics(self, run_id: str, step_id: str, metrics: Mapping[str, Any]) -> None:
+        """Record a step's metrics as JSON text, numbers also as values for SQL to sort on."""
+        rows = [
+            {
+                "run_id": run_id,
+                "step_id": step_id,
+                "name": name,
+                "value": float(value) if isinstance(value, int | float) else None,
+                "text": json.dumps(value),
+            }
+            for name, value in metrics.items()
+        ]
+        self.db.table("metrics").upsert_all(rows, pk=("run_id", "step_id", "name"))
+
+    def record_approval(
+        self, run_id: str, step_id: str, *, decision: str, who: str, reason: str = ""
+    ) -> None:
+        """Record who approved or rejected a gate, and why."""
+        self.db.table("approvals").upsert(
+            {
+                "run_id": run_id,
+                "step_id": step_id,
+                "decision": decision,
+                "who": who,
+                "reason": reason,
+                "time": time.time(),
+            },
+            pk=("run_id", "step_id"),
+        )
 
     def record_events(self, events: Iterable[EventRecord]) -> None:
         """Insert events; a (task_id, seq) already recorded is ignored (idempotent replay)."""

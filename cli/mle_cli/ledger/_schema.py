@@ -74,6 +74,35 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, step_id, path)
     );
     """,
+    # 2: resume (the plan itself), fencing, the step cache, metrics and approvals.
+    """
+    ALTER TABLE runs ADD COLUMN plan TEXT;
+    ALTER TABLE runs ADD COLUMN plan_hash TEXT;
+    ALTER TABLE steps ADD COLUMN cache_key TEXT;
+    ALTER TABLE steps ADD COLUMN cache_parts TEXT;
+    ALTER TABLE steps ADD COLUMN cached_from TEXT;
+    CREATE INDEX steps_cache ON steps(cache_key);
+    ALTER TABLE attempts ADD COLUMN fenced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN late_status TEXT;
+    ALTER TABLE attempts ADD COLUMN outputs TEXT;
+    CREATE TABLE metrics (
+        run_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value REAL,
+        text TEXT,
+        PRIMARY KEY (run_id, step_id, name)
+    );
+    CREATE TABLE approvals (
+        run_id TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        who TEXT NOT NULL,
+        reason TEXT,
+        time REAL NOT NULL,
+        PRIMARY KEY (run_id, step_id)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)

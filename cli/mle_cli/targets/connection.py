@@ -7,6 +7,9 @@ shared exception tree, naming the agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
@@ -24,6 +27,7 @@ from mle_proto.v1 import agent_pb2_grpc as rpc
 
 __all__ = ["AgentConnection", "connect"]
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _MAX_MESSAGE = 4 * 1024 * 1024
 _GET_ATTEMPTS = 4
@@ -33,8 +37,11 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-async def connect(endpoint: Endpoint, rpc_timeout: float) -> AgentConnection:
-    """Open a connection and check the agent speaks our protocol version."""
+async def connect(
+    endpoint: Endpoint, rpc_timeout: float, heartbeat_interval: float = 0.0
+) -> AgentConnection:
+    """Open a connection and check the agent speaks our protocol version. With a heartbeat
+    interval, the connection follows the agent's heartbeats to tell whether it is alive."""
     conn = AgentConnection(endpoint, rpc_timeout)
     try:
         info = await conn.info()
@@ -48,7 +55,16 @@ async def connect(endpoint: Endpoint, rpc_timeout: float) -> AgentConnection:
             f"this mle speaks {PROTO_VERSION}; upgrade the agent (mle agent upgrade)"
         )
     conn.set_slots(max(1, info.slots))
+    conn.platform = platform_class(info.os, info.arch)
+    if heartbeat_interval > 0:
+        conn.follow_heartbeats(heartbeat_interval)
     return conn
+
+
+def platform_class(os_description: str, arch: str) -> str:
+    """What a cached result is valid for: the OS family and the machine architecture."""
+    family = (os_description.split() or ["unknown"])[0].lower()
+    return f"{family}-{arch.lower() or 'unknown'}"
 
 
 class AgentConnection:
@@ -65,6 +81,35 @@ class AgentConnection:
         self._agent = rpc.AgentStub(self._channel)
         self._artifacts = rpc.ArtifactsStub(self._channel)
         self._slots = asyncio.Semaphore(1)
+        self.platform = "unknown"
+        self.boot_id = ""
+        self._last_seen = time.monotonic()
+        self._heartbeats: asyncio.Task[None] | None = None
+
+    def silent_for(self) -> float:
+        """Seconds since the last heartbeat (0 when heartbeats are not followed)."""
+        if self._heartbeats is None:
+            return 0.0
+        return time.monotonic() - self._last_seen
+
+    def follow_heartbeats(self, interval: float) -> None:
+        """Keep a heartbeat stream open in the background, reopening it when it breaks."""
+        self._last_seen = time.monotonic()
+        self._heartbeats = asyncio.create_task(self._follow_heartbeats(interval))
+
+    async def _follow_heartbeats(self, interval: float) -> None:
+        request = pb.HeartbeatRequest(interval_seconds=interval)
+        while True:
+            call = self._agent.Heartbeat(request, metadata=self._metadata)
+            try:
+                async for beat in call:
+                    self._last_seen = time.monotonic()
+                    self.boot_id = beat.boot_id
+            except grpc.RpcError as e:
+                log.debug("heartbeats from %s broke: %s", self.name, e.code())
+            finally:
+                call.cancel()
+            await asyncio.sleep(interval / 2)
 
     def set_slots(self, slots: int) -> None:
         """How many attempts may run on this agent at once."""
@@ -139,7 +184,11 @@ class AgentConnection:
                 await self._get(digest, store)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Stop following heartbeats and close the channel."""
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
         await self._channel.close(None)
 
     async def _put(self, digest: str, size: int, store: ArtifactStore) -> pb.PutResponse:

@@ -1,0 +1,174 @@
+"""Crash and resume: `mle run` killed at exact points, and while a task runs; `mle resume`
+converges to the run an uninterrupted `mle run` gives, and the ledger shows it.
+
+The side-effect log (one line per execution of a step, written by the step itself outside the
+ledger) proves that no step ran twice: each step executes exactly once across crash and resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mle_cli.faults import POINTS
+from tests.conftest import Project
+
+RECIPE = """\
+name: crashy
+params: {trail: trail.log}
+steps:
+  a:
+    run: echo a >> {{ params.trail }}; echo alpha > a.txt
+    outputs: [a.txt]
+  b:
+    needs: [a]
+    run: >-
+      echo b >> {{ params.trail }};
+      i=0; while [ $i -lt 40 ]; do echo "b line $i"; i=$((i+1)); sleep 0.01; done;
+      cat a.txt > b.txt
+    outputs: [b.txt]
+  c:
+    needs: [a]
+    run: echo c >> {{ params.trail }}; echo gamma > c.txt
+    outputs: [c.txt]
+  d:
+    needs: [b, c]
+    run: echo d >> {{ params.trail }}; cat b.txt c.txt > d.txt
+    outputs: [d.txt]
+"""
+
+
+def _rows(project: Project, sql: str, *args: object) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(project.ledger)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute(sql, args))
+    finally:
+        conn.close()
+
+
+def _setup(project: Project) -> Path:
+    trail = project.root / "trail.log"
+    (project.root / "r.yaml").write_text(RECIPE)
+    return trail
+
+
+def _run_id(project: Project) -> str:
+    [row] = _rows(project, "SELECT id FROM runs")
+    return str(row["id"])
+
+
+def _assert_converged(project: Project, trail: Path) -> None:
+    """The run succeeded, every step ran exactly once, every attempt's events have no gap."""
+    [run] = _rows(project, "SELECT * FROM runs")
+    assert run["status"] == "succeeded", run["message"]
+    steps = {r["step_id"]: r["status"] for r in _rows(project, "SELECT * FROM steps")}
+    assert steps == dict.fromkeys("abcd", "succeeded")
+    executions = Counter(trail.read_text().split())
+    assert executions == Counter("abcd"), executions
+    for attempt in _rows(project, "SELECT * FROM attempts"):
+        assert attempt["status"] == "succeeded"
+        seqs = [r["seq"] for r in _rows(project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", attempt["task_id"])]
+        assert seqs == list(range(1, len(seqs) + 1)), attempt["task_id"]
+        kinds = _rows(project, "SELECT kind FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT 1", attempt["task_id"])
+        assert kinds[0]["kind"] == "result"
+        assert attempt["last_seq"] == seqs[-1]
+    logs = _rows(project, "SELECT text FROM events WHERE step_id = 'b' AND kind = 'log' ORDER BY seq")
+    assert [r["text"] for r in logs] == [f"b line {i}" for i in range(40)]
+    [check] = _rows(project, "PRAGMA integrity_check")
+    assert check[0] == "ok"
+    d = _rows(project, "SELECT digest FROM artifacts WHERE step_id = 'd'")
+    assert len(d) == 1
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_resume_after_the_cli_is_killed_at_each_point(project: Project, point: str) -> None:
+    trail = _setup(project)
+    project.env["MLE_FAULT"] = point
+    killed = project.mle("run", "r.yaml")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    del project.env["MLE_FAULT"]
+    run_id = _run_id(project)
+    [run] = _rows(project, "SELECT status FROM runs")
+    assert run["status"] in ("pending", "running")
+    resumed = project.mle("resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    _assert_converged(project, trail)
+
+
+def test_resume_re_attaches_to_a_task_that_kept_running(project: Project) -> None:
+    trail = _setup(project)
+    runner = project.spawn("run", "r.yaml")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if project.ledger.exists():
+            try:
+                if _rows(project, "SELECT 1 FROM events WHERE step_id = 'b' AND kind = 'log'"):
+                    break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.02)
+    runner.send_signal(signal.SIGKILL)
+    project.finish(runner)
+    resumed = project.mle("resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "re-attached" in resumed.stderr
+    _assert_converged(project, trail)
+
+
+def test_resume_of_a_finished_run_runs_nothing_again(project: Project) -> None:
+    trail = _setup(project)
+    project.mle("run", "r.yaml", check=True)
+    again = project.mle("resume")
+    assert again.returncode == 0, again.stderr
+    _assert_converged(project, trail)
+
+
+def test_only_one_process_drives_a_run(project: Project) -> None:
+    (project.root / "slow.yaml").write_text("name: slow\nsteps:\n  s:\n    run: sleep 30\n")
+    runner = project.spawn("run", "slow.yaml")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        project.ledger.exists() and _rows(project, "SELECT 1 FROM attempts")
+    ):
+        time.sleep(0.05)
+    second = project.mle("resume")
+    assert second.returncode == 8, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert lines[0].startswith("error: run ") and "is being driven by mle pid" in lines[0]
+    os.kill(runner.pid, signal.SIGINT)
+    project.finish(runner)
+
+
+def test_a_ledger_killed_during_a_write_burst_is_intact_and_resumes(project: Project) -> None:
+    recipe = (
+        "name: burst\nsteps:\n  loud:\n"
+        "    run: i=0; while [ $i -lt 20000 ]; do echo \"line $i\"; i=$((i+1)); done\n"
+    )
+    (project.root / "burst.yaml").write_text(recipe)
+    runner = project.spawn("run", "burst.yaml")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if project.ledger.exists() and _rows(project, "SELECT count(*) FROM events")[0][0] > 2000:
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.01)
+    runner.send_signal(signal.SIGKILL)
+    project.finish(runner)
+    [check] = _rows(project, "PRAGMA integrity_check")
+    assert check[0] == "ok"
+    resumed = project.mle("resume")
+    assert resumed.returncode == 0, resumed.stderr
+    seqs = [r[0] for r in _rows(project, "SELECT seq FROM events ORDER BY seq")]
+    assert seqs == list(range(1, len(seqs) + 1))
+    lines = _rows(project, "SELECT count(*) FROM events WHERE kind = 'log'")[0][0]
+    assert lines == 20000
