@@ -39,13 +39,16 @@ def run_detail(ledger: Ledger, settings: Settings, run_ref: str | None) -> dict[
         stored = store.path_of(output["digest"])
         output["stored"] = _relative(stored, settings)
         output["present"] = stored.exists()
+    for attempt in attempts:
+        attempt["duration"] = _elapsed(attempt)
     for step in steps:
         step["duration"] = _elapsed(step)
         step["attempt_history"] = [a for a in attempts if a["step_id"] == step["step_id"]]
         if step["status"] in _FAILED:
-            step["last_lines"] = [r["text"] for r in _last_attempt_logs(ledger, run_id, step)]
+            step["last_lines"] = _last_lines(ledger, step["attempt_history"])
     run["steps"] = steps
     run["outputs"] = outputs
+    run["failed"] = [_failure(s) for s in steps if s["status"] in _FAILED]
     return run
 
 
@@ -68,12 +71,30 @@ def follow_logs(
         time.sleep(poll)
 
 
-def _last_attempt_logs(ledger: Ledger, run_id: str, step: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = ledger.logs(run_id, step["step_id"])
-    if not rows:
+def _last_lines(ledger: Ledger, attempts: list[dict[str, Any]]) -> list[str]:
+    """The last log lines of a step's last attempt (the one that decided its failure)."""
+    if not attempts:
         return []
-    last_task = rows[-1]["task_id"]
-    return [r for r in rows if r["task_id"] == last_task][-_TAIL:]
+    rows = ledger.db.query(
+        "SELECT text FROM events WHERE task_id = ? AND kind = 'log' ORDER BY seq DESC LIMIT ?",
+        [attempts[-1]["task_id"], _TAIL],
+    )
+    return [r["text"] for r in rows][::-1]
+
+
+def _failure(step: dict[str, Any]) -> dict[str, Any]:
+    """What `mle show` says about a failed step."""
+    last = step["attempt_history"][-1] if step["attempt_history"] else None
+    return {
+        "step_id": step["step_id"],
+        "status": step["status"],
+        "exit_code": step["exit_code"],
+        "message": step["message"],
+        "attempt": last["attempt"] if last else None,
+        "agent": last["agent"] if last else "",
+        "attempts": len(step["attempt_history"]),
+        "last_lines": step["last_lines"],
+    }
 
 
 def _elapsed(row: dict[str, Any]) -> float | None:

@@ -148,9 +148,7 @@ class _CachePredictor:
         parts = caching.cache_parts(request, files, self._platform)
         if self._ledger is None:
             return {"result": "miss", "reason": "no earlier runs"}
-        hit = caching.find_hit(
-            self._ledger, caching.cache_key(parts), self._store, step.outputs
-        )
+        hit = caching.find_hit(self._ledger, caching.cache_key(parts), self._store, step.outputs)
         if hit is None:
             previous = queries.last_cache_parts(self._ledger, self._plan.name, step.id)
             return {"result": "miss", "reason": caching.explain_miss(previous, parts)}

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.table import Table
 
+    from mle_cli.trace import Timeline
+
 __all__ = [
     "LiveProgress",
     "PlainProgress",
@@ -30,6 +32,7 @@ __all__ = [
     "print_json",
     "print_log_line",
     "print_table",
+    "print_trace",
     "printable",
     "stderr_console",
     "stdout_console",
@@ -46,6 +49,8 @@ _STYLE = {
     Status.CANCELLED: "magenta",
     Status.SKIPPED: "dim",
     Status.DETACHED: "yellow",
+    Status.CACHED: "green",
+    Status.WAITING: "yellow",
 }
 
 
@@ -262,10 +267,17 @@ def print_plan(plan: Mapping[str, Any]) -> None:
             f"  stage {step['stage']}  [bold]{escape(step['id'])}[/] on {escape(step['target'])}"
             f"  needs: {escape(needs)}"
         )
-        command = step["run"] if step["run"] is not None else " ".join(step["argv"])
-        console.print(f"      $ {escape(command)}")
+        if step["uses"]:
+            console.print(f"      uses {escape(step['uses'])}")
+        else:
+            command = step["run"] if step["run"] is not None else " ".join(step["argv"])
+            console.print(f"      $ {escape(command)}")
+        if step["when"]:
+            console.print(f"      when: {escape(step['when'])}")
         if step["outputs"]:
             console.print(f"      outputs: {escape(', '.join(step['outputs']))}")
+        cache = step["cache"]
+        console.print(f"      cache: {escape(cache['result'])} ({escape(cache['reason'])})")
     for name, where in plan["targets"].items():
         console.print(f"  target {escape(name)}: {escape(where)}")
     console.print("[dim]nothing was run[/]")
@@ -317,8 +329,8 @@ def print_run(run: Mapping[str, Any]) -> None:
         for s in run["steps"]
     ]
     print_table(rows, ["step", "status", "target", "attempts", "time", "exit", "detail"])
-    for step in run["steps"]:
-        _print_failure(console, step)
+    _print_failures(console, run.get("failed", []))
+    _print_attempts(console, [s for s in run["steps"] if len(s["attempt_history"]) > 1])
     if run["outputs"]:
         console.print("[bold]outputs[/] (in the project's artifact store):")
         for out in run["outputs"]:
@@ -329,16 +341,73 @@ def print_run(run: Mapping[str, Any]) -> None:
             )
 
 
-def _print_failure(console: Console, step: Mapping[str, Any]) -> None:
+def _print_failures(console: Console, failed: Sequence[Mapping[str, Any]]) -> None:
+    """The Failed section: each failing step, its exit code and its attempt's last lines."""
     from rich.markup import escape
 
-    if "last_lines" not in step:
-        return
-    console.print(f"[red]{escape(step['step_id'])} failed[/]: {escape(step['message'] or '')}")
-    for attempt in step["attempt_history"]:
+    if failed:
+        console.print("[bold red]Failed[/]")
+    for step in failed:
+        exit_code = "" if step["exit_code"] is None else f" (exit={step['exit_code']})"
+        where = f" on {escape(step['agent'])}" if step["agent"] else ""
         console.print(
-            f"  attempt {attempt['attempt']} on {escape(attempt['agent'])}: "
-            f"{styled_status(attempt['status'])} exit={attempt['exit_code']}"
+            f"  [red]{escape(step['step_id'])} {escape(step['status'])}[/]{exit_code}{where}: "
+            f"{escape(printable(step['message'] or ''))}"
         )
-    for line in step["last_lines"]:
-        console.print(f"  | {escape(printable(line))}")
+        if step["last_lines"]:
+            console.print(f"    last lines of attempt {step['attempt']}:")
+        for line in step["last_lines"]:
+            console.print(f"    | {escape(printable(line))}")
+
+
+def _print_attempts(console: Console, steps: Sequence[Mapping[str, Any]]) -> None:
+    """The attempt history of each step that needed more than one attempt."""
+    from rich.markup import escape
+
+    if steps:
+        console.print("[bold]Attempts[/]")
+    for step in steps:
+        console.print(f"  {escape(step['step_id'])}")
+        for a in step["attempt_history"]:
+            console.print(
+                f"    #{a['attempt']} on {escape(a['agent'])}: {styled_status(a['status'])} "
+                f"exit={'-' if a['exit_code'] is None else a['exit_code']} "
+                f"{duration(a['duration'])}  {escape(printable(a['message'] or ''))}".rstrip()
+            )
+
+
+_TRACE_STYLE = {
+    "head": "bold",
+    "queued": "dim",
+    "retry": "yellow",
+    "pending": "blue",
+    "staging": "magenta",
+    "running": "cyan",
+    "waiting": "yellow",
+}
+
+
+def print_trace(timeline: Timeline) -> None:
+    """`mle trace`: one line per attempt with a bar to scale; colours only on a terminal."""
+    from rich.text import Text
+
+    from mle_cli._trace_text import trace_lines
+
+    console = stdout_console()
+    for i, line in enumerate(trace_lines(timeline, console.width)):
+        text = Text()
+        for piece, key in line:
+            text.append(printable(piece), style=_trace_style(key))
+        if i == 0:  # the title may wrap; the rows are cropped to keep their columns
+            console.print(text)
+        else:
+            console.print(text, no_wrap=True, overflow="crop", soft_wrap=False)
+
+
+def _trace_style(key: str) -> str:
+    if key.startswith("status:"):
+        try:
+            return _STYLE[Status(key.removeprefix("status:"))]
+        except ValueError:
+            return ""
+    return _TRACE_STYLE.get(key, "")

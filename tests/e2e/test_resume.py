@@ -54,8 +54,9 @@ def _rows(project: Project, sql: str, *args: object) -> list[sqlite3.Row]:
 
 
 def _setup(project: Project) -> Path:
+    """The recipe, and the trail file its steps append to (outside their work dirs)."""
     trail = project.root / "trail.log"
-    (project.root / "r.yaml").write_text(RECIPE)
+    (project.root / "r.yaml").write_text(RECIPE.replace("trail.log", str(trail)))
     return trail
 
 
@@ -74,12 +75,23 @@ def _assert_converged(project: Project, trail: Path) -> None:
     assert executions == Counter("abcd"), executions
     for attempt in _rows(project, "SELECT * FROM attempts"):
         assert attempt["status"] == "succeeded"
-        seqs = [r["seq"] for r in _rows(project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", attempt["task_id"])]
+        seqs = [
+            r["seq"]
+            for r in _rows(
+                project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", attempt["task_id"]
+            )
+        ]
         assert seqs == list(range(1, len(seqs) + 1)), attempt["task_id"]
-        kinds = _rows(project, "SELECT kind FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT 1", attempt["task_id"])
+        kinds = _rows(
+            project,
+            "SELECT kind FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT 1",
+            attempt["task_id"],
+        )
         assert kinds[0]["kind"] == "result"
         assert attempt["last_seq"] == seqs[-1]
-    logs = _rows(project, "SELECT text FROM events WHERE step_id = 'b' AND kind = 'log' ORDER BY seq")
+    logs = _rows(
+        project, "SELECT text FROM events WHERE step_id = 'b' AND kind = 'log' ORDER BY seq"
+    )
     assert [r["text"] for r in logs] == [f"b line {i}" for i in range(40)]
     [check] = _rows(project, "PRAGMA integrity_check")
     assert check[0] == "ok"
@@ -150,14 +162,17 @@ def test_only_one_process_drives_a_run(project: Project) -> None:
 def test_a_ledger_killed_during_a_write_burst_is_intact_and_resumes(project: Project) -> None:
     recipe = (
         "name: burst\nsteps:\n  loud:\n"
-        "    run: i=0; while [ $i -lt 20000 ]; do echo \"line $i\"; i=$((i+1)); done\n"
+        '    run: i=0; while [ $i -lt 20000 ]; do echo "line $i"; i=$((i+1)); done\n'
     )
     (project.root / "burst.yaml").write_text(recipe)
     runner = project.spawn("run", "burst.yaml")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if project.ledger.exists() and _rows(project, "SELECT count(*) FROM events")[0][0] > 2000:
+            if (
+                project.ledger.exists()
+                and _rows(project, "SELECT count(*) FROM events")[0][0] > 2000
+            ):
                 break
         except sqlite3.OperationalError:
             pass

@@ -77,13 +77,16 @@ class BlackholeProxy:
 
 
 @asynccontextmanager
-async def _fleet(tmp_path: Path) -> AsyncIterator[tuple[AgentConnection, AgentConnection, BlackholeProxy]]:
+async def _fleet(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[AgentConnection, AgentConnection, BlackholeProxy]]:
     """Agent `far` behind a proxy, agent `near` direct, each with its own store."""
     far_settings = agent_settings(tmp_path / "far", artifacts_dir=tmp_path / "far-store")
     near_settings = agent_settings(tmp_path / "near", artifacts_dir=tmp_path / "near-store")
-    async with running_agent(far_settings, token=TOKEN) as far, running_agent(
-        near_settings, token=TOKEN
-    ) as near:
+    async with (
+        running_agent(far_settings, token=TOKEN) as far,
+        running_agent(near_settings, token=TOKEN) as near,
+    ):
         proxy = BlackholeProxy(far.port)
         await proxy.start()
         far_conn = await connect(Endpoint("far", f"127.0.0.1:{proxy.port}", TOKEN), 10, HEARTBEAT)

@@ -82,13 +82,21 @@ async def _run_plan(
     async def executor_for(target: str) -> Executor:
         return executor
 
+    reader = Ledger(tmp_path / "ledger.db")
     scheduler = Scheduler(
-        plan, "run1", executor_for=executor_for, writer=writer, store=store, progress=recorder
+        plan,
+        "run1",
+        executor_for=executor_for,
+        writer=writer,
+        reader=reader,
+        store=store,
+        progress=recorder,
     )
     try:
         outcome = await scheduler.run()
     finally:
         writer.close()
+        reader.close()
     return outcome.status, recorder
 
 
@@ -159,8 +167,9 @@ def test_a_cancelled_scheduler_kills_the_task_on_the_agent(tmp_path: Path) -> No
             async def executor_for(target: str) -> Executor:
                 return conn
 
+            reader = Ledger(tmp_path / "ledger.db")
             scheduler = Scheduler(
-                plan, "run1", executor_for=executor_for, writer=writer,
+                plan, "run1", executor_for=executor_for, writer=writer, reader=reader,
                 store=ArtifactStore(tmp_path / "project-store"), progress=recorder,
             )  # fmt: skip
             driving = asyncio.create_task(scheduler.run())
@@ -175,6 +184,7 @@ def test_a_cancelled_scheduler_kills_the_task_on_the_agent(tmp_path: Path) -> No
             scheduler.cancel("test cancels")
             outcome = await driving
             writer.close()
+            reader.close()
             assert outcome.status == Status.CANCELLED
             assert outcome.steps["slow"].status == Status.CANCELLED
             result = await agent.result("run1.slow.1")

@@ -1,4 +1,4 @@
-"""Properties of the compiler over generated recipes: DAG order, cycles, and no stray exceptions."""
+"""Properties of the compiler over generated recipes: order, cycles, JSON, no stray exceptions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mle_cli.errors import RecipeError
-from mle_cli.recipe import compile_recipe, parse_duration
+from mle_cli.recipe import (
+    Plan,
+    RetryPolicy,
+    SourceLocation,
+    Step,
+    compile_recipe,
+    evaluate_when,
+    parse_duration,
+    plan_from_json,
+    plan_to_json,
+)
 
 Graph = dict[str, list[str]]
 STEP_IDS = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,8}", fullmatch=True)
@@ -122,6 +132,111 @@ def test_any_back_edge_is_refused_naming_a_real_cycle(
     assert needs[chain[0]][int(found.group(2))] == chain[1]
 
 
+@st.composite
+def featured(draw: st.DrawFn) -> tuple[dict[str, object], Graph]:
+    """A random DAG whose steps have matrices, conditions, metrics, triggers and cache flags."""
+    declared, needs = draw(dags())
+    steps: dict[str, dict[str, object]] = {}
+    for step in declared:
+        spec: dict[str, object] = {"run": "echo {{ params.n }}", "needs": needs[step]}
+        if draw(st.booleans()):
+            keys = draw(
+                st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=2, unique=True)
+            )
+            values = st.lists(MATRIX_VALUES, min_size=1, max_size=3, unique_by=str)
+            spec["matrix"] = {key: draw(values) for key in keys}
+        else:
+            spec["metrics"] = f"metrics/{step}.json"  # matrix children would all produce it
+        spec["when"] = draw(st.sampled_from([None, True, "params.n > 1", "not params.quick"]))
+        spec["trigger"] = draw(st.sampled_from(["all-succeeded", "none-failed", "all-done"]))
+        spec["cache"] = draw(st.booleans())
+        steps[step] = {k: v for k, v in spec.items() if v is not None}
+    recipe = {"name": "dag", "params": {"n": 2, "quick": False}, "steps": steps}
+    return recipe, needs
+
+
+MATRIX_VALUES = (
+    st.integers(-3, 300) | st.booleans() | st.from_regex(r"[a-z0-9.]{1,6}", fullmatch=True)
+)
+
+
+def _compile(workdir: Path, recipe: dict[str, object]) -> Plan:
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return compile_recipe(path)
+
+
+@SETTINGS
+@given(featured())
+def test_recipes_compile_deterministically_in_topological_order(
+    workdir: Path, case: tuple[dict[str, object], Graph]
+) -> None:
+    recipe, needs = case
+    plan = _compile(workdir, recipe)
+    assert _compile(workdir, recipe).hash == plan.hash
+    position = {s.id: i for i, s in enumerate(plan.steps)}
+    children: dict[str, list[str]] = {}
+    for step in plan.steps:
+        children.setdefault(step.group or step.id, []).append(step.id)
+        assert all(position[need] < position[step.id] for need in step.needs)
+    for step in plan.steps:
+        expanded = [child for need in needs[step.group or step.id] for child in children[need]]
+        assert list(step.needs) == expanded
+
+
+@SETTINGS
+@given(featured())
+def test_every_compiled_plan_survives_json_exactly(
+    workdir: Path, case: tuple[dict[str, object], Graph]
+) -> None:
+    plan = _compile(workdir, case[0])
+    again = plan_from_json(plan_to_json(plan))
+    assert again == plan
+    assert again.hash == plan.hash
+    assert [s.id for s in again.steps] == [s.id for s in plan.steps]
+
+
+# Pieces of conditions, so that many generated ones parse and reach evaluation.
+TOKEN_TEXT = (
+    "params.n steps.b.metrics.x steps.b.status steps.b.outputs [0] 1 0 2.5 'a' true null and or "
+    "not == != < >= + - * / % in ( ) [ ] , . ** __class__ x"
+)
+TOKENS = st.sampled_from(TOKEN_TEXT.split())
+CONDITIONS = st.text(max_size=80) | st.lists(TOKENS, max_size=12).map(" ".join)
+
+
+def _condition(plan: Plan, step: Step) -> str:
+    """'true'/'false', or the message of the RecipeError; any other exception fails the test."""
+    context = {"steps": {"b": {"status": "succeeded", "metrics": {"x": 1}, "outputs": []}}}
+    try:
+        return str(evaluate_when(plan, step, context)).lower()
+    except RecipeError as exc:
+        return str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CONDITIONS)
+def test_any_condition_text_evaluates_to_a_bool_or_a_recipe_error(text: str) -> None:
+    step = Step(
+        id="a",
+        run="true",
+        argv=None,
+        env={},
+        needs=(),
+        outputs=(),
+        target="local",
+        retries=RetryPolicy(),
+        timeout=None,
+        location=SourceLocation(Path("r.yaml"), 1, 1),
+        when=text,
+    )
+    plan = Plan("p", "", Path("r.yaml"), "sha256:0", {"n": 1}, (), (step,))
+    outcome = _condition(plan, step)
+    assert outcome in ("true", "false") or outcome.startswith(
+        f"r.yaml:1:1: steps.a.when: cannot evaluate {text!r}: "
+    )
+
+
 RECIPE_WORDS = st.sampled_from(
     [
         "name",
@@ -144,6 +259,18 @@ RECIPE_WORDS = st.sampled_from(
         "x",
         "matrix",
         "description",
+        "when",
+        "uses",
+        "with",
+        "metrics",
+        "cache",
+        "trigger",
+        "mle/select",
+        "mle/approve",
+        "metric",
+        "hidden",
+        "params.a > 1",
+        "steps.a.status",
     ]
 )
 SCALARS = (

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 
 from mle_cli import render
+from mle_cli.approvals import decide
 from mle_cli.errors import RunFailed
 from mle_cli.planning import check_placement
 from mle_cli.recipe.plan import Plan
@@ -15,6 +18,7 @@ from mle_cli.runs import RunControl, execute_plan, new_run_id
 from mle_cli.scheduler import RunOutcome
 from mle_cli.settings import Settings
 from mle_cli.states import Status
+from mle_proto.errors import MleError
 
 __all__ = ["drive_run", "report_outcome"]
 
@@ -70,15 +74,74 @@ async def _drive(
             return
         asking.append(asyncio.create_task(ask()))
 
+    async def ask_approval(step_id: str, detail: str) -> None:
+        progress.pause()
+        answer = await asyncio.to_thread(_approval_prompt, run_id, step_id, detail)
+        progress.resume()
+        if answer is not None:
+            approved, reason = answer
+            with contextlib.suppress(MleError):  # decided meanwhile by `mle approve` elsewhere
+                await asyncio.to_thread(
+                    decide, settings, run_id, step_id, approved=approved, reason=reason
+                )
+
+    def on_waiting(step_id: str, detail: str) -> None:
+        if sys.stdin.isatty():
+            asking.append(asyncio.create_task(ask_approval(step_id, detail)))
+
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
         return await execute_plan(
-            plan, settings, progress, run_id=run_id, control=control, **options
+            plan,
+            settings,
+            _Gatekeeper(progress, on_waiting),
+            run_id=run_id,
+            control=control,
+            **options,
         )
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         for task in asking:
             task.cancel()
+
+
+class _Gatekeeper:
+    """Passes progress on; tells the terminal when an approval gate starts waiting."""
+
+    def __init__(
+        self,
+        inner: render.LiveProgress | render.PlainProgress,
+        on_waiting: Callable[[str, str], None],
+    ) -> None:
+        self._inner = inner
+        self._on_waiting = on_waiting
+
+    def step_changed(self, step_id: str, status: Status, detail: str) -> None:
+        self._inner.step_changed(step_id, status, detail)
+        if status == Status.WAITING:
+            self._on_waiting(step_id, detail)
+
+    def step_log(self, step_id: str, stream: str, text: str) -> None:
+        self._inner.step_log(step_id, stream, text)
+
+
+def _approval_prompt(run_id: str, step_id: str, detail: str) -> tuple[bool, str] | None:
+    """Ask at an approval gate: (approved, reason), or None to decide later."""
+    sys.stderr.write(
+        f"\nRun {run_id} waits at {step_id}: {detail}\n"
+        "Approve? [y]es, [n]o, or [l]ater (mle approve from anywhere) [y/n/l] "
+    )
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline().strip().lower()[:1]
+        if answer not in ("y", "n"):
+            return None
+        sys.stderr.write("Reason (optional): ")
+        sys.stderr.flush()
+        reason = sys.stdin.readline().strip()
+    except (OSError, ValueError):
+        return None
+    return answer == "y", reason
 
 
 def _prompt(run_id: str) -> str:

@@ -1,9 +1,11 @@
-"""`mle runs`, `mle show`, `mle logs`, `mle cancel`: what the ledger knows."""
+"""`mle runs`, `mle show`, `mle logs`, `mle trace`, `mle cancel`: what the ledger knows."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -103,6 +105,35 @@ def logs(
             print_log_line(row, json_out=json_out, prefix=step is None)
 
 
+def trace(
+    ctx: typer.Context,
+    run: RunArg = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html", help="Write a self-contained HTML Gantt chart to FILE.", metavar="FILE"
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a run's timeline: when each step and attempt queued, staged, ran, waited and ended.
+
+    Example: mle trace 20261122-1530 --html trace.html
+    """
+    from mle_cli import render
+    from mle_cli.trace import build_timeline, timeline_dict, write_html
+
+    with _ledger(ctx) as ledger:
+        timeline = build_timeline(ledger, run)
+    if html is not None:
+        written = write_html(timeline, html)
+        (sys.stderr if json_out else sys.stdout).write(f"wrote {written}\n")
+    if json_out:
+        render.print_json(timeline_dict(timeline))
+    elif html is None:
+        render.print_trace(timeline)
+
+
 def cancel(
     ctx: typer.Context, run: Annotated[str, typer.Argument(help="Run id or prefix.")]
 ) -> None:
@@ -120,5 +151,5 @@ def cancel(
 
 def register(app: typer.Typer) -> None:
     """Add the commands to the app."""
-    for command in (runs, show, logs, cancel):
+    for command in (runs, show, logs, trace, cancel):
         app.command()(command)

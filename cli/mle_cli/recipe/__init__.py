@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from mle_cli.recipe._compiler import compile_recipe
 from mle_cli.recipe._durations import parse_duration
+from mle_cli.recipe._expressions import evaluate_when
 from mle_cli.recipe._params import parse_overrides
-from mle_cli.recipe._templates import RenderedStep, render_step
-from mle_cli.recipe.plan import ParamValue, Plan, RetryPolicy, ShippedFile, SourceLocation, Step
+from mle_cli.recipe._templates import RenderedStep, render_options, render_step
+from mle_cli.recipe.plan import (
+    ParamValue,
+    Plan,
+    RetryPolicy,
+    ShippedFile,
+    SourceLocation,
+    Step,
+    plan_from_json,
+    plan_to_json,
+)
 
 __all__ = [
     "ParamValue",
@@ -21,7 +31,11 @@ __all__ = [
     "SourceLocation",
     "Step",
     "compile_recipe",
+    "evaluate_when",
     "parse_duration",
     "parse_overrides",
+    "plan_from_json",
+    "plan_to_json",
+    "render_options",
     "render_step",
 ]

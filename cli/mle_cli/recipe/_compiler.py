@@ -6,14 +6,17 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from mle_cli.recipe._builtins import check_builtins
+from mle_cli.recipe._expressions import check_when
 from mle_cli.recipe._fields import check_keys, expect_str
 from mle_cli.recipe._files import ship_files
-from mle_cli.recipe._graph import check_outputs, order_steps
+from mle_cli.recipe._graph import check_outputs, expand_steps, order_steps
 from mle_cli.recipe._loader import Document, load_document
 from mle_cli.recipe._params import resolve_params
-from mle_cli.recipe._steps import parse_defaults, parse_steps
+from mle_cli.recipe._references import step_scopes
+from mle_cli.recipe._steps import Defaults, ParsedStep, parse_defaults, parse_steps
 from mle_cli.recipe._templates import check_templates
-from mle_cli.recipe.plan import Plan
+from mle_cli.recipe.plan import ParamValue, Plan
 
 __all__ = ["compile_recipe"]
 
@@ -30,10 +33,10 @@ def compile_recipe(path: Path, overrides: Mapping[str, str] | None = None) -> Pl
     description = _description(doc)
     params = resolve_params(doc, data.get("params"), overrides or {})
     defaults = parse_defaults(doc, data.get("defaults"))
-    parsed = parse_steps(doc, data.get("steps"), defaults)
+    parsed = expand_steps(doc, parse_steps(doc, data.get("steps"), defaults))
     ordered = order_steps(doc, parsed)
-    templates = [*defaults.templates, *(t for p in parsed for t in p.templates)]
-    check_templates(doc, params, templates)
+    check_builtins(doc, [p.step for p in ordered], {p.step.id: p.need_paths for p in ordered})
+    _check_references(doc, params, defaults, ordered)
     files = ship_files(doc, data.get("files"))
     check_outputs(doc, parsed, files)
     return Plan(
@@ -45,6 +48,19 @@ def compile_recipe(path: Path, overrides: Mapping[str, str] | None = None) -> Pl
         files=files,
         steps=tuple(p.step for p in ordered),
     )
+
+
+def _check_references(
+    doc: Document, params: Mapping[str, ParamValue], defaults: Defaults, ordered: list[ParsedStep]
+) -> None:
+    """Every template and `when:` names only what its step can see: params, matrix, upstream."""
+    check_templates(doc, params, defaults.templates)
+    scopes = step_scopes(params, [p.step for p in ordered])
+    # Report the first problem in declaration order, as every other check does.
+    for p in sorted(ordered, key=lambda p: p.step.location.line):
+        scope = scopes[p.step.id]
+        check_when(doc, ("steps", p.step.group or p.step.id, "when"), scope)
+        check_templates(doc, params, p.templates, scope)
 
 
 def _name(doc: Document) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from mle_cli.recipe._durations import duration_problem, to_seconds
 from mle_cli.recipe._loader import Document, KeyPath, describe
 
 __all__ = [
+    "NOT_YET",
+    "TemplateSource",
     "check_keys",
     "closest",
     "duration_value",
@@ -19,6 +22,15 @@ __all__ = [
 ]
 
 NOT_YET = "is not supported yet by this version of mle"
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    """A template written in the recipe: where, its text, and whether values are shell-quoted."""
+
+    path: KeyPath
+    text: str
+    quote: bool
 
 
 def closest(word: str, choices: Collection[str]) -> str:

@@ -1,24 +1,38 @@
-"""The step graph: needs resolved, cycles refused, a deterministic order, no colliding outputs."""
+"""The step graph: matrices expanded, needs resolved, cycles refused, a deterministic order."""
 
 from __future__ import annotations
 
+import dataclasses
 import graphlib
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from mle_cli.recipe._fields import closest
-from mle_cli.recipe._loader import Document
+from mle_cli.recipe._loader import Document, KeyPath
+from mle_cli.recipe._matrix import expand_step
+from mle_cli.recipe._references import SELECT, produced
 from mle_cli.recipe._steps import ParsedStep
-from mle_cli.recipe.plan import ShippedFile
+from mle_cli.recipe.plan import ShippedFile, Step
 
-__all__ = ["check_outputs", "order_steps"]
+__all__ = ["check_outputs", "expand_steps", "order_steps"]
+
+
+def expand_steps(doc: Document, parsed: Sequence[ParsedStep]) -> list[ParsedStep]:
+    """Matrix steps replaced by their children, in place; needs naming a matrix name them all."""
+    expanded = [
+        dataclasses.replace(p, step=child) for p in parsed for child in expand_step(p.step, p.axes)
+    ]
+    groups: dict[str, list[str]] = {}
+    for p in expanded:
+        if p.step.group:
+            groups.setdefault(p.step.group, []).append(p.step.id)
+    ids = {p.step.id: p.step for p in expanded}
+    return [_resolve_needs(doc, p, ids, groups) for p in expanded]
 
 
 def order_steps(doc: Document, parsed: Sequence[ParsedStep]) -> list[ParsedStep]:
-    """Steps in topological order, ties broken by declaration order; needs must be valid."""
+    """Steps in topological order, ties broken by declaration order."""
     index = {p.step.id: i for i, p in enumerate(parsed)}
-    for p in parsed:
-        _check_needs(doc, p, index)
     sorter = graphlib.TopologicalSorter({p.step.id: p.step.needs for p in parsed})
     try:
         sorter.prepare()
@@ -40,34 +54,50 @@ def check_outputs(
     doc: Document, parsed: Sequence[ParsedStep], files: Sequence[ShippedFile]
 ) -> None:
     """Refuse outputs that would overwrite a shipped file or each other in one work dir."""
-    by_id = {p.step.id: p for p in parsed}
     for p in parsed:
         for where, output in zip(p.output_paths, p.step.outputs, strict=True):
             for shipped in files:
                 if _collide(output, shipped.path):
                     message = f"output {output!r} collides with the shipped file {shipped.path!r}"
                     raise doc.error(where, message)
+    steps = {p.step.id: p.step for p in parsed}
     for p in parsed:
-        needs = p.step.needs
-        for j, later in enumerate(needs):
-            for earlier in needs[:j]:
-                problem = _clash(by_id[earlier].step.outputs, by_id[later].step.outputs)
-                if problem:
-                    message = _clash_message(earlier, later, problem, p.step.id)
-                    raise doc.error(p.need_paths[j], message)
+        if p.step.uses != SELECT:  # mle/select passes on the outputs of the one it picks
+            _check_inputs(doc, p, steps)
 
 
-def _check_needs(doc: Document, p: ParsedStep, index: dict[str, int]) -> None:
-    seen: set[str] = set()
+def _check_inputs(doc: Document, p: ParsedStep, steps: Mapping[str, Step]) -> None:
+    """No two needed steps may place the same path in this step's work dir."""
+    needs = p.step.needs
+    for j, later in enumerate(needs):
+        for earlier in needs[:j]:
+            problem = _clash(produced(steps, steps[earlier]), produced(steps, steps[later]))
+            if problem:
+                message = _clash_message(steps[earlier], steps[later], problem, p.step.id)
+                raise doc.error(p.need_paths[j], message)
+
+
+def _resolve_needs(
+    doc: Document, p: ParsedStep, ids: Mapping[str, Step], groups: Mapping[str, list[str]]
+) -> ParsedStep:
+    """The step with each need resolved to step ids: a matrix name stands for all its children."""
+    own = p.step.group or p.step.id
+    needs: list[str] = []
+    paths: list[KeyPath] = []
     for where, name in zip(p.need_paths, p.step.needs, strict=True):
-        if name == p.step.id:
-            raise doc.error(where, f"step {name!r} needs itself")
-        if name not in index:
-            hint = closest(name, [s for s in index if s != p.step.id])
+        if name == own or (name in ids and ids[name].group == own):
+            raise doc.error(where, f"step {own!r} needs itself")
+        if name not in ids and name not in groups:
+            choices = [*groups, *(s for s in ids if not ids[s].group), *ids]
+            hint = closest(name, [c for c in dict.fromkeys(choices) if c != own])
             raise doc.error(where, f"unknown step {name!r}", suggestion=hint)
-        if name in seen:
-            raise doc.error(where, f"step {name!r} is listed twice")
-        seen.add(name)
+        for step_id in groups.get(name, [name]):
+            if step_id in needs:
+                raise doc.error(where, f"step {step_id!r} is listed twice")
+            needs.append(step_id)
+            paths.append(where)
+    step = dataclasses.replace(p.step, needs=tuple(needs))
+    return dataclasses.replace(p, step=step, need_paths=tuple(paths))
 
 
 def _cycle_error(
@@ -96,10 +126,13 @@ def _clash(first: Sequence[str], second: Sequence[str]) -> tuple[str, str] | Non
     return None
 
 
-def _clash_message(earlier: str, later: str, paths: tuple[str, str], step_id: str) -> str:
+def _clash_message(earlier: Step, later: Step, paths: tuple[str, str], step_id: str) -> str:
     a, b = paths
     if a == b:
-        what = f"steps {earlier!r} and {later!r} both produce {a!r}"
+        what = f"steps {earlier.id!r} and {later.id!r} both produce {a!r}"
     else:
-        what = f"step {earlier!r} produces {a!r} and step {later!r} produces {b!r}"
-    return f"{what}; both are placed in the work dir of {step_id!r}"
+        what = f"step {earlier.id!r} produces {a!r} and step {later.id!r} produces {b!r}"
+    message = f"{what}; both are placed in the work dir of {step_id!r}"
+    if earlier.group and earlier.group == later.group:
+        message += f" (to use one of the {earlier.group!r} matrix, pick it with uses: mle/select)"
+    return message

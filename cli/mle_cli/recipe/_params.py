@@ -61,6 +61,8 @@ def _declared(doc: Document, value: object) -> dict[str, ParamValue]:
                 f"a param default must be a string, a number or true/false, not {describe(default)}"
             )
             raise doc.error(path, message)
+        if isinstance(default, float) and not math.isfinite(default):
+            raise doc.error(path, f"a param default must be a finite number, not {doc.text(path)}")
         declared[name] = default
     return declared
 

@@ -7,9 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from mle_cli.recipe._builtins import parse_options, parse_uses
 from mle_cli.recipe._fields import (
     NOT_YET,
+    TemplateSource,
     check_keys,
+    closest,
     duration_value,
     expect_mapping,
     expect_str,
@@ -17,14 +20,32 @@ from mle_cli.recipe._fields import (
     text_list,
 )
 from mle_cli.recipe._loader import Document, KeyPath, describe
+from mle_cli.recipe._matrix import Axis, parse_matrix
 from mle_cli.recipe.plan import RetryPolicy, Step
 from mle_proto.errors import InvalidInput
 from mle_proto.store import check_relative_path
 
 __all__ = ["Defaults", "ParsedStep", "TemplateSource", "parse_defaults", "parse_steps"]
 
-STEP_KEYS = ("run", "argv", "needs", "outputs", "env", "retries", "timeout", "on")
-LATER_STEP_KEYS = ("matrix", "when", "uses", "with", "metrics", "cache", "each")
+STEP_KEYS = (
+    "run",
+    "argv",
+    "uses",
+    "with",
+    "needs",
+    "matrix",
+    "when",
+    "trigger",
+    "outputs",
+    "metrics",
+    "env",
+    "retries",
+    "timeout",
+    "cache",
+    "on",
+)
+LATER_STEP_KEYS = ("each",)
+TRIGGERS = ("all-succeeded", "none-failed", "all-done")
 DEFAULT_KEYS = ("retries", "timeout", "env")
 RETRY_KEYS = ("max", "backoff", "factor", "max_delay")
 MAX_RETRIES = 100
@@ -32,15 +53,6 @@ MAX_ID_LENGTH = 63
 
 _STEP_ID = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_ID_LENGTH - 1}}}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass(frozen=True)
-class TemplateSource:
-    """A template written in the recipe: where, its text, and whether values are shell-quoted."""
-
-    path: KeyPath
-    text: str
-    quote: bool
 
 
 @dataclass(frozen=True)
@@ -55,12 +67,13 @@ class Defaults:
 
 @dataclass(frozen=True)
 class ParsedStep:
-    """A step, plus where its needs and outputs were written and which templates it holds."""
+    """A step, plus where its needs and outputs were written, its templates and matrix."""
 
     step: Step
     need_paths: tuple[KeyPath, ...]
     output_paths: tuple[KeyPath, ...]
     templates: tuple[TemplateSource, ...]
+    axes: tuple[Axis, ...] = ()
 
 
 def parse_defaults(doc: Document, value: object) -> Defaults:
@@ -90,9 +103,12 @@ def parse_steps(doc: Document, value: object, defaults: Defaults) -> list[Parsed
 def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) -> ParsedStep:
     path: KeyPath = ("steps", step_id)
     body = _step_body(doc, path, step_id, value)
-    run, argv, command = _command(doc, path, body)
+    uses = parse_uses(doc, path, body)
+    run, argv, command = (None, None, ()) if uses else _command(doc, path, body)
+    options, option_templates = parse_options(doc, path, body, uses)
     needs = text_list(doc, (*path, "needs"), body.get("needs"), "a step id or a list of them")
     outputs = _outputs(doc, (*path, "outputs"), body.get("outputs"))
+    metrics = _metrics(doc, (*path, "metrics"), body.get("metrics"), outputs)
     env, env_templates = _env(doc, (*path, "env"), body.get("env"))
     retries = _retries(doc, (*path, "retries"), body.get("retries"))
     step = Step(
@@ -106,10 +122,18 @@ def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) 
         retries=_policy({**defaults.retries, **retries}),
         timeout=_step_timeout(doc, path, body, defaults),
         location=doc.location(path, at_key=True),
+        when=_when(doc, (*path, "when"), body.get("when")),
+        trigger=_trigger(doc, (*path, "trigger"), body.get("trigger")),
+        metrics=metrics,
+        uses=uses,
+        options=options,
+        cache=_cache(doc, (*path, "cache"), body.get("cache")),
     )
+    axes = parse_matrix(doc, (*path, "matrix"), body["matrix"]) if "matrix" in body else ()
     need_paths = tuple(p for p, _ in needs)
     output_paths = tuple(p for p, _ in outputs)
-    return ParsedStep(step, need_paths, output_paths, (*command, *env_templates))
+    templates = (*command, *env_templates, *option_templates)
+    return ParsedStep(step, need_paths, output_paths, templates, axes)
 
 
 def _step_body(doc: Document, path: KeyPath, step_id: str, value: object) -> dict[str, object]:
@@ -140,7 +164,10 @@ def _command(
         run = scalar_text(doc, (*path, "run"), run)
         return run, None, (TemplateSource((*path, "run"), run, quote=True),)
     if "argv" not in body:
-        message = "a step needs 'run' (a shell command) or 'argv' (a program and its arguments)"
+        message = (
+            "a step needs 'run' (a shell command), 'argv' (a program and its arguments) "
+            "or 'uses' (a built-in step)"
+        )
         raise doc.error(path, message, at_key=True)
     items = body["argv"]
     if not isinstance(items, list) or not items:
@@ -158,18 +185,36 @@ def _outputs(doc: Document, path: KeyPath, value: object) -> list[tuple[KeyPath,
     outputs: list[tuple[KeyPath, str]] = []
     seen: set[str] = set()
     for item, text in text_list(doc, path, value, "a path or a list of paths"):
-        try:
-            normal = str(check_relative_path(text))
-        except InvalidInput:
-            pure = PurePosixPath(text)
-            escapes = text and (pure.is_absolute() or ".." in pure.parts)
-            problem = "escapes the work dir" if escapes else "is not a valid path in the work dir"
-            raise doc.error(item, f"output path {text!r} {problem}") from None
+        normal = _work_path(doc, item, text, "output path")
         if normal in seen:
             raise doc.error(item, f"output {normal!r} is listed twice")
         seen.add(normal)
         outputs.append((item, normal))
     return outputs
+
+
+def _metrics(
+    doc: Document, path: KeyPath, value: object, outputs: list[tuple[KeyPath, str]]
+) -> str | None:
+    """The metrics file's path; it is also an output (appended to `outputs` unless listed)."""
+    if value is None:
+        return None
+    text = expect_str(doc, path, value, "a path to a JSON file, e.g. metrics.json")
+    normal = _work_path(doc, path, text, "metrics path")
+    if normal not in {output for _, output in outputs}:
+        outputs.append((path, normal))
+    return normal
+
+
+def _work_path(doc: Document, path: KeyPath, text: str, what: str) -> str:
+    """A path inside the work dir, normalized, or an error saying how it fails."""
+    try:
+        return str(check_relative_path(text))
+    except InvalidInput:
+        pure = PurePosixPath(text)
+        escapes = text and (pure.is_absolute() or ".." in pure.parts)
+        problem = "escapes the work dir" if escapes else "is not a valid path in the work dir"
+        raise doc.error(path, f"{what} {text!r} {problem}") from None
 
 
 def _env(
@@ -260,3 +305,30 @@ def _target(doc: Document, path: KeyPath, value: object) -> str:
     if isinstance(value, dict):
         raise doc.error(path, f"placement by names and labels {NOT_YET}; use a target name")
     return expect_str(doc, path, value, "a target name (e.g. local)")
+
+
+def _when(doc: Document, path: KeyPath, value: object) -> str | None:
+    """The condition's source (checked once the graph is known); true/false are kept as text."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    what = "an expression (e.g. params.quick == false) or true/false"
+    return scalar_text(doc, path, expect_str(doc, path, value, what))
+
+
+def _trigger(doc: Document, path: KeyPath, value: object) -> str:
+    """When the step may run, given how its needs ended; default: all of them succeeded."""
+    if value is None:
+        return TRIGGERS[0]
+    text = expect_str(doc, path, value, "all-succeeded, none-failed or all-done")
+    if text not in TRIGGERS:
+        message = f"expected all-succeeded, none-failed or all-done, got {text!r}"
+        raise doc.error(path, message, suggestion=closest(text, TRIGGERS))
+    return text
+
+
+def _cache(doc: Document, path: KeyPath, value: object) -> bool:
+    if value is None or isinstance(value, bool):
+        return value is not False
+    raise doc.error(path, f"expected true or false, got {describe(value)}")

@@ -1,4 +1,4 @@
-"""Templates in `run:`, `argv:` and `env:`: sandboxed Jinja, strict names, shell-quoted values."""
+"""Templates in `run`, `argv`, `env` and `with`: sandboxed Jinja, strict names, quoted values."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, Undefined
 from jinja2.exceptions import SecurityError, UndefinedError
@@ -13,42 +14,46 @@ from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import missing
 
 from mle_cli.errors import RecipeError
-from mle_cli.recipe._fields import NOT_YET, closest
+from mle_cli.recipe._fields import TemplateSource, closest
 from mle_cli.recipe._loader import Document
-from mle_cli.recipe._steps import TemplateSource
+from mle_cli.recipe._namespaces import (
+    CheckedSteps,
+    Namespace,
+    Paths,
+    Results,
+    TemplateProblem,
+    wrap,
+)
+from mle_cli.recipe._references import StepScope
 from mle_cli.recipe.plan import ParamValue, Plan, Step
 
-__all__ = ["RenderedStep", "check_templates", "render_step"]
+__all__ = ["RenderedStep", "check_templates", "render_options", "render_step"]
 
-_NAMES = ("params", "run", "target")
-_LATER_NAMES = ("steps", "matrix")
+_NAMES = ("params", "matrix", "steps", "run", "target")
 # Stand-ins used to render every template once at compile time, to catch errors early.
 _CHECK_RUN_ID, _CHECK_TARGET = "run-compile-check", "local"
+
+StepResults = Mapping[str, Mapping[str, object]]
 
 
 @dataclass(frozen=True)
 class RenderedStep:
-    """A step's command and env with every template rendered: exactly one of shell and argv."""
+    """A step's command and env with every template rendered: shell or argv (neither: built-in)."""
 
     shell: str | None
     argv: tuple[str, ...] | None
     env: dict[str, str]
 
 
-def render_step(plan: Plan, step: Step, *, run_id: str, target: str) -> RenderedStep:
-    """Render a step's templates for one dispatch; undefined names raise RecipeError."""
-    context = _context(plan.params, run_id, target)
+def render_step(
+    plan: Plan, step: Step, *, run_id: str, target: str, steps: StepResults | None = None
+) -> RenderedStep:
+    """Render a step's command and env for one dispatch; undefined names raise RecipeError.
+
+    `steps` holds the results of finished steps: `{id: {"status", "metrics", "outputs"}}`.
+    """
+    render = _renderer(plan, step, run_id, target, steps)
     label = f"steps.{step.id}"
-
-    def render(text: str, key: str, *, quote: bool = False) -> str:
-        try:
-            return _render(text, context, quote=quote)
-        except _TemplateProblem as exc:
-            where = step.location
-            raise RecipeError(
-                str(exc), file=where.file, line=where.line, col=where.col, key=key
-            ) from None
-
     shell_text = None if step.run is None else render(step.run, f"{label}.run", quote=True)
     argv = None
     if step.argv is not None:
@@ -57,46 +62,73 @@ def render_step(plan: Plan, step: Step, *, run_id: str, target: str) -> Rendered
     return RenderedStep(shell_text, argv, env)
 
 
+def render_options(
+    plan: Plan, step: Step, *, run_id: str, target: str, steps: StepResults | None = None
+) -> dict[str, ParamValue]:
+    """A built-in step's `with:` options, templates rendered (to text: the built-in converts)."""
+    render = _renderer(plan, step, run_id, target, steps)
+    return {
+        key: render(value, f"steps.{step.id}.with.{key}") if isinstance(value, str) else value
+        for key, value in step.options.items()
+    }
+
+
 def check_templates(
-    doc: Document, params: Mapping[str, ParamValue], sources: Iterable[TemplateSource]
+    doc: Document,
+    params: Mapping[str, ParamValue],
+    sources: Iterable[TemplateSource],
+    scope: StepScope | None = None,
 ) -> None:
-    """Render every template once with stand-in run and target values, at its own location."""
-    context = _context(params, _CHECK_RUN_ID, _CHECK_TARGET)
+    """Render templates once with stand-ins for run, target and results, at their own location.
+
+    Without a scope (templates in `defaults:`), neither `matrix` nor `steps` is defined.
+    """
+    matrix = scope.step.matrix if scope else {}
+    checked = CheckedSteps(scope) if scope else None
+    context = _context(params, _CHECK_RUN_ID, _CHECK_TARGET, matrix, checked)
     for source in sources:
         try:
             _render(source.text, context, quote=source.quote)
-        except _TemplateProblem as exc:
+        except TemplateProblem as exc:
             raise doc.error(source.path, str(exc)) from None
 
 
-class _TemplateProblem(Exception):
-    """A template that does not render; the message is for the user."""
+def _renderer(
+    plan: Plan, step: Step, run_id: str, target: str, steps: StepResults | None
+) -> _Render:
+    """A function rendering one of this step's templates, errors located at the step."""
+    context = _context(plan.params, run_id, target, step.matrix, _results(steps or {}))
+
+    def render(text: str, key: str, *, quote: bool = False) -> str:
+        try:
+            return _render(text, context, quote=quote)
+        except TemplateProblem as exc:
+            where = step.location
+            raise RecipeError(
+                str(exc), file=where.file, line=where.line, col=where.col, key=key
+            ) from None
+
+    return render
 
 
-class _Namespace:
-    """A template namespace (`params`, `run`, `target`) that knows its own dotted name."""
+class _Render(Protocol):
+    def __call__(self, text: str, key: str, *, quote: bool = False) -> str: ...
 
-    __slots__ = ("_name", "_values")
 
-    def __init__(self, name: str, values: Mapping[str, object]) -> None:
-        self._name = name
-        self._values = values
-
-    def __getitem__(self, key: str) -> object:
-        return self._values[key]
-
-    def __str__(self) -> str:
-        raise _TemplateProblem(f"{self._name!r} is a namespace; use e.g. {self._example()}")
-
-    def _example(self) -> str:
-        return f"{self._name}.{next(iter(self._values), 'name')}"
-
-    def _missing(self, name: str) -> str:
-        """The message for an undefined `<namespace>.<name>`."""
-        choices = [f"{self._name}.{key}" for key in self._values]
-        full = f"{self._name}.{name}"
-        hint = closest(full, choices)
-        return f"undefined name {full!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+def _results(steps: StepResults) -> Results:
+    """`steps` for dispatch, from each finished step's status, metrics and outputs."""
+    views = {
+        step_id: Namespace(
+            ("steps", step_id),
+            {
+                "status": result.get("status"),
+                "metrics": wrap(("steps", step_id, "metrics"), result.get("metrics", {})),
+                "outputs": wrap(("steps", step_id, "outputs"), result.get("outputs", [])),
+            },
+        )
+        for step_id, result in steps.items()
+    }
+    return Results(("steps",), views)
 
 
 class _StrictUndefined(StrictUndefined):
@@ -107,35 +139,56 @@ class _StrictUndefined(StrictUndefined):
     @property
     def _undefined_message(self) -> str:
         name, obj = self._undefined_name, self._undefined_obj
-        if self._undefined_hint or not isinstance(name, str):
+        if self._undefined_hint:
             return super()._undefined_message
-        if isinstance(obj, _Namespace):
-            return obj._missing(name)
+        if isinstance(obj, Paths) and isinstance(name, str | int):
+            return obj.missing(name)
+        if not isinstance(name, str):
+            return super()._undefined_message
+        if isinstance(obj, Namespace):
+            return obj.missing(name)
         if obj is missing:
-            if name in _LATER_NAMES:
-                return f"{name!r} {NOT_YET}"
+            if name == "matrix":
+                return "'matrix' is only defined in a step with a matrix:"
+            if name == "steps":
+                return "'steps' is only defined in a step, not in defaults:"
             hint = closest(name, _NAMES)
             return f"undefined name {name!r}" + (f" (did you mean {hint!r}?)" if hint else "")
         return super()._undefined_message
 
 
-def _context(params: Mapping[str, ParamValue], run_id: str, target: str) -> dict[str, object]:
-    return {
-        "params": _Namespace("params", params),
-        "run": _Namespace("run", {"id": run_id}),
-        "target": _Namespace("target", {"name": target}),
+def _context(
+    params: Mapping[str, ParamValue],
+    run_id: str,
+    target: str,
+    matrix: Mapping[str, ParamValue],
+    steps: object | None,
+) -> dict[str, object]:
+    context: dict[str, object] = {
+        "params": Namespace(("params",), params),
+        "run": Namespace(("run",), {"id": run_id}),
+        "target": Namespace(("target",), {"name": target}),
     }
+    if matrix:
+        context["matrix"] = Namespace(("matrix",), matrix)
+    if steps is not None:
+        context["steps"] = steps
+    return context
 
 
 def _text(value: object) -> str:
-    """A rendered value as text; booleans read as in YAML (`true`), not as in Python."""
+    """A rendered value as text; booleans read as in YAML (`true`); lists as words."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return " ".join(_text(item) for item in value)
     return str(value)
 
 
 def _quoted(value: object) -> str:
-    """A rendered value as exactly one shell word, whatever characters it holds."""
+    """A rendered value as shell words: one word, or one per item of a list (e.g. outputs)."""
+    if isinstance(value, list | tuple):
+        return " ".join(_quoted(item) for item in value)
     return shlex.quote(_text(value))
 
 
@@ -192,18 +245,18 @@ def _template(text: str, quote: bool) -> Template:
 
 
 def _render(text: str, context: Mapping[str, object], *, quote: bool) -> str:
-    """Render one template; any failure becomes a _TemplateProblem with a readable message."""
+    """Render one template; any failure becomes a TemplateProblem with a readable message."""
     try:
         rendered = _template(text, quote).render(context)
-    except _TemplateProblem:
+    except TemplateProblem:
         raise
     except TemplateSyntaxError as exc:
         line = f" (line {exc.lineno} of the template)" if "\n" in text.strip() else ""
-        raise _TemplateProblem(f"invalid template: {exc.message}{line}") from None
+        raise TemplateProblem(f"invalid template: {exc.message}{line}") from None
     except (SecurityError, UndefinedError) as exc:
-        raise _TemplateProblem(str(exc)) from None
+        raise TemplateProblem(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - templates are user code: any failure is the recipe's
-        raise _TemplateProblem(f"template failed: {type(exc).__name__}: {exc}") from None
+        raise TemplateProblem(f"template failed: {type(exc).__name__}: {exc}") from None
     if "\x00" in rendered:
-        raise _TemplateProblem("renders to text containing a NUL character")
+        raise TemplateProblem("renders to text containing a NUL character")
     return rendered

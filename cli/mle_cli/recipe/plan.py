@@ -1,12 +1,33 @@
-"""The compiled form of a recipe: a validated DAG of steps, ready for the scheduler."""
+"""The compiled form of a recipe: a validated DAG of steps, ready for the scheduler.
+
+A plan is stored as canonical JSON (`plan_to_json`) so that `mle resume` runs exactly the plan
+that was started; `Plan.hash` identifies it.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ParamValue", "Plan", "RetryPolicy", "ShippedFile", "SourceLocation", "Step"]
+from mle_cli.errors import RecipeError
+
+__all__ = [
+    "ParamValue",
+    "Plan",
+    "RetryPolicy",
+    "ShippedFile",
+    "SourceLocation",
+    "Step",
+    "plan_from_json",
+    "plan_to_json",
+]
+
+PLAN_FORMAT = 1
 
 ParamValue = str | int | float | bool | None
 
@@ -91,3 +112,101 @@ class Plan:
     def step(self, step_id: str) -> Step:
         """The step with this id."""
         return self._by_id[step_id]
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """The sha256 (hex) of the plan's canonical JSON: equal plans, equal hashes."""
+        return hashlib.sha256(plan_to_json(self).encode("ascii")).hexdigest()
+
+
+def plan_to_json(plan: Plan) -> str:
+    """The plan as canonical JSON: sorted keys, no spaces, ASCII; mappings keep their order."""
+    data = {
+        "format": PLAN_FORMAT,
+        "name": plan.name,
+        "description": plan.description,
+        "source": str(plan.source),
+        "digest": plan.digest,
+        "params": _pairs(plan.params),
+        "files": [
+            {"path": f.path, "source": str(f.source), "digest": f.digest, "size": f.size}
+            for f in plan.files
+        ],
+        "steps": [_step_data(s) for s in plan.steps],
+    }
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def plan_from_json(text: str) -> Plan:
+    """The plan that plan_to_json wrote; RecipeError if the text is not one."""
+    try:
+        data = json.loads(text)
+        if data["format"] != PLAN_FORMAT:
+            raise ValueError(f"format {data['format']!r}, expected {PLAN_FORMAT}")
+        return Plan(
+            name=data["name"],
+            description=data["description"],
+            source=Path(data["source"]),
+            digest=data["digest"],
+            params=dict(data["params"]),
+            files=tuple(
+                ShippedFile(f["path"], Path(f["source"]), f["digest"], f["size"])
+                for f in data["files"]
+            ),
+            steps=tuple(_step_from(s) for s in data["steps"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecipeError(f"the stored plan cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _pairs(mapping: Mapping[str, Any]) -> list[list[Any]]:
+    """A mapping as [key, value] pairs: JSON objects get sorted, and order matters here."""
+    return [[key, value] for key, value in mapping.items()]
+
+
+def _step_data(step: Step) -> dict[str, Any]:
+    where, retries = step.location, step.retries
+    return {
+        "id": step.id,
+        "run": step.run,
+        "argv": None if step.argv is None else list(step.argv),
+        "env": _pairs(step.env),
+        "needs": list(step.needs),
+        "outputs": list(step.outputs),
+        "target": step.target,
+        "retries": [retries.max, retries.backoff, retries.factor, retries.max_delay],
+        "timeout": step.timeout,
+        "location": [str(where.file), where.line, where.col],
+        "matrix": _pairs(step.matrix),
+        "group": step.group,
+        "when": step.when,
+        "trigger": step.trigger,
+        "metrics": step.metrics,
+        "uses": step.uses,
+        "options": _pairs(step.options),
+        "cache": step.cache,
+    }
+
+
+def _step_from(data: dict[str, Any]) -> Step:
+    file, line, col = data["location"]
+    return Step(
+        id=data["id"],
+        run=data["run"],
+        argv=None if data["argv"] is None else tuple(data["argv"]),
+        env=dict(data["env"]),
+        needs=tuple(data["needs"]),
+        outputs=tuple(data["outputs"]),
+        target=data["target"],
+        retries=RetryPolicy(*data["retries"]),
+        timeout=data["timeout"],
+        location=SourceLocation(Path(file), line, col),
+        matrix=dict(data["matrix"]),
+        group=data["group"],
+        when=data["when"],
+        trigger=data["trigger"],
+        metrics=data["metrics"],
+        uses=data["uses"],
+        options=dict(data["options"]),
+        cache=data["cache"],
+    )
