@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mle_cli import caching, faults, gates
+from mle_cli import faults, gates
 from mle_cli.attempts import AttemptRunner, result
 from mle_cli.errors import RecipeError
-from mle_cli.executor import Executor, OutputFile, TaskRequest, TaskUpdate
-from mle_cli.ledger import ArtifactRecord, Ledger, LedgerWriter
-from mle_cli.recipe import evaluate_when, render_options, render_step
+from mle_cli.executor import Executor, TaskUpdate
+from mle_cli.ledger import Ledger, LedgerWriter
+from mle_cli.recipe import evaluate_when, render_options
 from mle_cli.recipe.plan import Plan, Step
-from mle_cli.recovery import PriorAttempt, PriorStep
+from mle_cli.recovery import PriorStep
 from mle_cli.states import FINAL, Status
+from mle_cli.tasksteps import SchedulerOptions, StepOutcome, TaskSteps, task_request
 from mle_proto.errors import MleError
 from mle_proto.store import ArtifactStore
 
@@ -41,7 +41,6 @@ ExecutorFactory = Callable[[str], Awaitable[Executor]]
 _OK = frozenset({Status.SUCCEEDED, Status.CACHED})
 _BAD = frozenset({Status.FAILED, Status.TIMED_OUT, Status.LOST})
 _LAST_LINES = 10
-_MAX_METRICS_BYTES = 1024 * 1024
 
 
 class Progress(Protocol):
@@ -54,32 +53,6 @@ class Progress(Protocol):
     def step_log(self, step_id: str, stream: str, text: str) -> None:
         """A step printed a line."""
         ...
-
-
-@dataclass(frozen=True)
-class SchedulerOptions:
-    """Knobs of one run."""
-
-    agent_grace: float = 10.0
-    poll_interval: float = 0.5  # how often the ledger is read for approvals
-    use_cache: bool = True
-
-
-@dataclass
-class StepOutcome:
-    """What happened to one step."""
-
-    step_id: str
-    status: Status = Status.PENDING
-    target: str = ""
-    attempts: int = 0
-    exit_code: int | None = None
-    message: str = ""
-    started: float | None = None
-    finished: float | None = None
-    outputs: dict[str, OutputFile] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    last_lines: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,6 +105,19 @@ class Scheduler:
             on_log=self._on_log,
             agent_grace=self._options.agent_grace,
         )
+        self._tasks = TaskSteps(
+            plan,
+            run_id,
+            host=self,
+            outcomes=self._steps,
+            attempts=self._attempts,
+            executor_for=executor_for,
+            writer=writer,
+            reader=reader,
+            store=store,
+            options=self._options,
+            prior=self._prior,
+        )
 
     def _initial(self, step: Step) -> StepOutcome:
         outcome = StepOutcome(step.id, target=step.target)
@@ -148,6 +134,16 @@ class Scheduler:
     def outcomes(self) -> Mapping[str, StepOutcome]:
         """The steps' outcomes so far."""
         return dict(self._steps)
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set once the run is cancelled."""
+        return self._cancelled
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why the run was cancelled."""
+        return self._cancel_reason
 
     def cancel(self, reason: str) -> None:
         """Cancel the run: running tasks are killed, pending steps never start."""
@@ -235,13 +231,13 @@ class Scheduler:
             if outcome.status != Status.PENDING:
                 continue
             if self._cancelled.is_set():
-                self._set_status(outcome, Status.CANCELLED, self._cancel_reason)
+                self.set_status(outcome, Status.CANCELLED, self._cancel_reason)
                 continue
             need = self._blocker(step)
             if need is not None:
                 # Downstream of a cancelled step is cancelled too; of a failure, skipped.
                 status = Status.CANCELLED if need.status == Status.CANCELLED else Status.SKIPPED
-                self._set_status(outcome, status, f"needs {need.step_id}, which {need.status}")
+                self.set_status(outcome, status, f"needs {need.step_id}, which {need.status}")
 
     def _context(self) -> dict[str, Any]:
         """What templates and `when:` see of the run so far."""
@@ -264,198 +260,17 @@ class Scheduler:
         try:
             context = self._context()
             if step.when is not None and not evaluate_when(self.plan, step, context):
-                self._set_status(outcome, Status.SKIPPED, f"when: {step.when} is false")
+                self.set_status(outcome, Status.SKIPPED, f"when: {step.when} is false")
             elif step.uses == "mle/approve":
                 await self._approve(step, outcome, context)
             elif step.uses == "mle/select":
                 self._select(step, outcome, context)
             else:
-                await self._run_task(step, outcome, context)
+                await self._tasks.run(step, outcome, context)
         except RecipeError as e:  # a template or condition that cannot be evaluated
-            self._finish_step(outcome, result(Status.FAILED, str(e)))
+            self.finish_step(outcome, result(Status.FAILED, str(e)))
         await self._writer.flush()  # the outcome is durable before dependants act on it
         faults.point("step-finished")
-
-    async def _run_task(self, step: Step, outcome: StepOutcome, context: dict[str, Any]) -> None:
-        prior = self._prior.pop(step.id, None)
-        attempts = prior.attempts if prior else ()
-        last = attempts[-1] if attempts else None
-        update: TaskUpdate | None = None
-        target = step.target
-        if last is not None and not last.fenced and last.status == Status.SUCCEEDED:
-            # It succeeded, but the run stopped before the step was closed: close it now.
-            update, target = _prior_result(last), last.agent
-        try:
-            executor = await self._executor_for(target)
-        except MleError as e:
-            self._finish_step(outcome, result(Status.FAILED, str(e)))
-            return
-        if update is not None:
-            await self._conclude(step, outcome, executor, update)
-            return
-        inputs = self._inputs(step)
-        if last is None or not last.unfinished:
-            probe = self._request(step, executor, 0, inputs, context)
-            if await self._cached(step, outcome, executor, probe):
-                return
-        update = await self._attempt_loop(step, outcome, executor, inputs, context, attempts)
-        await self._conclude(step, outcome, executor, update)
-
-    async def _attempt_loop(
-        self,
-        step: Step,
-        outcome: StepOutcome,
-        executor: Executor,
-        inputs: Mapping[str, str],
-        context: dict[str, Any],
-        earlier: tuple[PriorAttempt, ...],
-    ) -> TaskUpdate:
-        number = max((a.attempt for a in earlier), default=0)
-        resume = earlier[-1] if earlier and earlier[-1].unfinished else None
-        update = result(Status.CANCELLED, "cancelled")
-        for tried in range(step.retries.max + 1):
-            if resume is not None and tried == 0:
-                runner = await self._executor_for(resume.agent)
-                update = await self._one(
-                    step, outcome, runner, resume.attempt, inputs, context, resume.last_seq
-                )
-            else:
-                number += 1
-                update = await self._one(step, outcome, executor, number, inputs, context, None)
-            if update.status == Status.CANCELLED and not self._cancelled.is_set():
-                self.cancel(update.text or "cancelled on the agent")  # e.g. by `mle cancel`
-            if update.status in (Status.SUCCEEDED, Status.CANCELLED) or self._cancelled.is_set():
-                break
-            if tried == step.retries.max:
-                break
-            delay = step.retries.delay(tried + 1)
-            message = f"attempt {number} {update.state}; retry in {delay:g}s"
-            self._set_status(outcome, Status.RETRYING, message)
-            if await self._sleep_unless_cancelled(delay):
-                return result(Status.CANCELLED, self._cancel_reason or "cancelled")
-            executor = await self._executor_for(step.target)  # a fresh agent if it was lost
-        return update
-
-    async def _one(
-        self,
-        step: Step,
-        outcome: StepOutcome,
-        executor: Executor,
-        number: int,
-        inputs: Mapping[str, str],
-        context: dict[str, Any],
-        after_seq: int | None,
-    ) -> TaskUpdate:
-        """One attempt, holding a slot on its executor."""
-        async with executor.slot():
-            if self._cancelled.is_set():
-                return result(Status.CANCELLED, self._cancel_reason or "cancelled")
-            request = self._request(step, executor, number, inputs, context)
-            try:
-                await executor.ship(inputs.values(), self._store)
-            except MleError as e:
-                return result(Status.FAILED, str(e))
-
-            def started() -> None:
-                outcome.attempts, outcome.target = number, executor.name
-                outcome.started = outcome.started or time.time()
-                detail = f"on {executor.name}, attempt {number}"
-                if after_seq is not None:
-                    detail += " (re-attached)"
-                self._set_status(outcome, Status.RUNNING, detail)
-
-            return await self._attempts.run(executor, request, after_seq=after_seq, started=started)
-
-    def _inputs(self, step: Step) -> dict[str, str]:
-        inputs = {f.path: f.digest for f in self.plan.files}
-        for need in step.needs:
-            inputs.update({p: o.digest for p, o in self._steps[need].outputs.items()})
-        return inputs
-
-    def _request(
-        self,
-        step: Step,
-        executor: Executor,
-        attempt: int,
-        inputs: Mapping[str, str],
-        context: Mapping[str, Any],
-    ) -> TaskRequest:
-        return task_request(
-            self.plan,
-            step,
-            run_id=self.run_id,
-            target=executor.name,
-            attempt=attempt,
-            inputs=inputs,
-            steps=context["steps"],
-        )
-
-    async def _cached(
-        self, step: Step, outcome: StepOutcome, executor: Executor, probe: TaskRequest
-    ) -> bool:
-        """Reuse an earlier result with the same cache key; record the key either way."""
-        files = {f.path: f.digest for f in self.plan.files}
-        parts = caching.cache_parts(probe, files, executor.platform)
-        key = caching.cache_key(parts)
-        run_id, step_id, text = self.run_id, step.id, json.dumps(parts, sort_keys=True)
-        self._write(lambda led: led.update_step(run_id, step_id, cache_key=key, cache_parts=text))
-        if not (step.cache and self._options.use_cache):
-            return False
-        hit = caching.find_hit(self._reader, key, self._store, step.outputs)
-        if hit is None:
-            return False
-        outcome.outputs, outcome.metrics = dict(hit.outputs), dict(hit.metrics)
-        outcome.target = executor.name
-        self._record_results(step.id, outcome)
-        source = f"{hit.run_id}/{hit.step_id}"
-        self._write(lambda led: led.update_step(run_id, step_id, cached_from=source))
-        self._set_status(outcome, Status.CACHED, f"same inputs as run {source}")
-        return True
-
-    async def _conclude(
-        self, step: Step, outcome: StepOutcome, executor: Executor, update: TaskUpdate
-    ) -> None:
-        if update.status == Status.SUCCEEDED:
-            try:
-                await executor.fetch((o.digest for o in update.outputs), self._store)
-                outcome.outputs = {o.path: o for o in update.outputs}
-                outcome.metrics = self._read_metrics(step, outcome)
-            except MleError as e:
-                update = result(Status.FAILED, str(e))
-            else:
-                self._record_results(step.id, outcome)
-        self._finish_step(outcome, update)
-
-    def _read_metrics(self, step: Step, outcome: StepOutcome) -> dict[str, Any]:
-        if step.metrics is None:
-            return {}
-        output = outcome.outputs.get(step.metrics)
-        where = f"step {step.id}: metrics file {step.metrics}"
-        if output is None:
-            raise MleError(f"{where} was not produced")
-        if output.size > _MAX_METRICS_BYTES:
-            raise MleError(f"{where} is {output.size} bytes; the limit is 1 MiB")
-        try:
-            data = json.loads(self._store.path_of(output.digest).read_bytes())
-        except (OSError, ValueError) as e:
-            raise MleError(f"{where} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise MleError(f"{where} must hold a JSON object, not {type(data).__name__}")
-        return data
-
-    def _record_results(self, step_id: str, outcome: StepOutcome) -> None:
-        run_id, metrics = self.run_id, dict(outcome.metrics)
-        records = [
-            ArtifactRecord(run_id, step_id, o.path, o.digest, o.size)
-            for o in outcome.outputs.values()
-        ]
-
-        def write(led: Ledger) -> None:
-            led.record_artifacts(records)
-            if metrics:
-                led.record_metrics(run_id, step_id, metrics)
-
-        self._write(write)
 
     # -- built-in steps ---------------------------------------------------------------------------
 
@@ -464,26 +279,29 @@ class Scheduler:
             self.plan, step, run_id=self.run_id, target="local", steps=context["steps"]
         )
         run_id, step_id = self.run_id, step.id
+        for need in step.needs:  # a gate passes on what it guards
+            outcome.outputs.update(self._steps[need].outputs)
+        self._tasks.record_results(step.id, outcome)
         if gates.truthy(options.get("auto", False)):
             self._write(
                 lambda led: led.record_approval(
                     run_id, step_id, decision="approved", who="auto", reason="with.auto is true"
                 )
             )
-            self._set_status(outcome, Status.SUCCEEDED, "approved automatically (with.auto)")
+            self.set_status(outcome, Status.SUCCEEDED, "approved automatically (with.auto)")
             return
         message = str(options.get("message") or "")
         wait = f"waiting for approval: mle approve {run_id} {step_id!r}"
-        self._set_status(outcome, Status.WAITING, f"{message} ({wait})" if message else wait)
+        self.set_status(outcome, Status.WAITING, f"{message} ({wait})" if message else wait)
         await self._writer.flush()
         decision = await gates.wait_for_decision(
             self._reader, run_id, step_id, self._options.poll_interval, self._cancelled.is_set
         )
         if decision is None:
-            self._set_status(outcome, Status.CANCELLED, self._cancel_reason)
+            self.set_status(outcome, Status.CANCELLED, self._cancel_reason)
             return
         status = Status.SUCCEEDED if decision.approved else Status.FAILED
-        self._set_status(outcome, status, decision.describe())
+        self.set_status(outcome, status, decision.describe())
 
     def _select(self, step: Step, outcome: StepOutcome, context: dict[str, Any]) -> None:
         options = render_options(
@@ -497,9 +315,9 @@ class Scheduler:
         chosen = gates.select_child(self.plan, step, options, found)
         outcome.outputs = dict(chosen.outputs)
         outcome.metrics = {**chosen.metrics, "selected": chosen.step_id}
-        self._record_results(step.id, outcome)
+        self._tasks.record_results(step.id, outcome)
         metric = options["metric"]
-        self._set_status(
+        self.set_status(
             outcome, Status.SUCCEEDED, f"picked {chosen.step_id} ({metric}={chosen.value:g})"
         )
 
@@ -509,7 +327,7 @@ class Scheduler:
         await self._cancelled.wait()
         await self._attempts.cancel_running(self._cancel_reason)
 
-    async def _sleep_unless_cancelled(self, delay: float) -> bool:
+    async def sleep_unless_cancelled(self, delay: float) -> bool:
         try:
             await asyncio.wait_for(self._cancelled.wait(), timeout=delay)
         except TimeoutError:
@@ -524,13 +342,13 @@ class Scheduler:
         del lines[:-_LAST_LINES]
         self._progress.step_log(step_id, stream, text)
 
-    def _finish_step(self, outcome: StepOutcome, update: TaskUpdate) -> None:
+    def finish_step(self, outcome: StepOutcome, update: TaskUpdate) -> None:
         outcome.exit_code = update.exit_code
         outcome.finished = time.time()
         status = update.status if update.state else Status.FAILED
-        self._set_status(outcome, status, update.text)
+        self.set_status(outcome, status, update.text)
 
-    def _set_status(self, outcome: StepOutcome, status: Status, detail: str) -> None:
+    def set_status(self, outcome: StepOutcome, status: Status, detail: str) -> None:
         outcome.status, outcome.message = status, detail
         fields: dict[str, object] = {"status": status, "message": detail}
         if status in FINAL:
@@ -566,41 +384,6 @@ class Scheduler:
         self._writer.submit(write)
 
 
-def task_request(
-    plan: Plan,
-    step: Step,
-    *,
-    run_id: str,
-    target: str,
-    attempt: int,
-    inputs: Mapping[str, str],
-    steps: Mapping[str, Any],
-) -> TaskRequest:
-    """One attempt of a step, rendered for a target: the command, its environment, its files."""
-    rendered = render_step(plan, step, run_id=run_id, target=target, steps=steps)
-    env = {
-        **rendered.env,
-        "MLE_RUN_ID": run_id,
-        "MLE_STEP": step.id,
-        "MLE_ATTEMPT": str(attempt),
-        "MLE_TARGET": target,
-    }
-    if step.metrics:
-        env["MLE_METRICS"] = step.metrics
-    return TaskRequest(
-        task_id=f"{run_id}.{step.id}.{attempt}",
-        run_id=run_id,
-        step=step.id,
-        attempt=attempt,
-        shell=rendered.shell,
-        argv=rendered.argv,
-        env=env,
-        inputs=dict(inputs),
-        outputs=step.outputs,
-        timeout=step.timeout,
-    )
-
-
 def _mark_running(ledger: Ledger, run_id: str, started: float) -> None:
     """A run starts, or resumes: it is running again, and an old cancel request is spent."""
     row = ledger.run(run_id)
@@ -611,16 +394,4 @@ def _mark_running(ledger: Ledger, run_id: str, started: float) -> None:
         finished=None,
         cancel_requested=0,
         message=None,
-    )
-
-
-def _prior_result(attempt: PriorAttempt) -> TaskUpdate:
-    return TaskUpdate(
-        attempt.last_seq,
-        attempt.finished or time.time(),
-        "result",
-        state=attempt.status,
-        text=attempt.message,
-        exit_code=attempt.exit_code,
-        outputs=attempt.outputs,
     )

@@ -60,6 +60,18 @@ def _setup(project: Project) -> Path:
     return trail
 
 
+def _wait_until(project: Project, sql: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if project.ledger.exists() and _rows(project, sql):
+                return
+        except sqlite3.OperationalError:  # the ledger is being created
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"never true: {sql}")
+
+
 def _run_id(project: Project) -> str:
     [row] = _rows(project, "SELECT id FROM runs")
     return str(row["id"])
@@ -146,11 +158,7 @@ def test_resume_of_a_finished_run_runs_nothing_again(project: Project) -> None:
 def test_only_one_process_drives_a_run(project: Project) -> None:
     (project.root / "slow.yaml").write_text("name: slow\nsteps:\n  s:\n    run: sleep 30\n")
     runner = project.spawn("run", "slow.yaml")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (
-        project.ledger.exists() and _rows(project, "SELECT 1 FROM attempts")
-    ):
-        time.sleep(0.05)
+    _wait_until(project, "SELECT 1 FROM attempts")
     second = project.mle("resume")
     assert second.returncode == 8, second.stderr
     lines = second.stderr.strip().splitlines()

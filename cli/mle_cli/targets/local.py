@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,20 +112,19 @@ class _locked:
 
 
 def _start(settings: Settings, agent_dir: Path) -> Endpoint:
-    token = secrets.token_urlsafe(32)
+    # A restarted agent keeps its token and, when it can, its port: runs that were following
+    # the previous one reconnect to it and find their re-adopted tasks.
     token_file = agent_dir / "token"
-    token_file.unlink(missing_ok=True)
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    token = _read_token(token_file) or _new_token(token_file)
     config = agent_dir / "agent.toml"
     config.touch(exist_ok=True)  # the local agent's own config; /etc/mle/agent.toml is for devices
+    port = _free_port((_read_state(agent_dir) or {}).get("port"))
     state_file = agent_dir / "state.json"
     state_file.unlink(missing_ok=True)
     argv = [
         sys.executable, "-m", "mle_agent",
         "--name", LOCAL,
-        "--listen", "127.0.0.1:0",
+        "--listen", f"127.0.0.1:{port}",
         "--data-dir", str(agent_dir),
         "--artifacts-dir", str(settings.artifacts_dir),
         "--token-file", str(token_file),
@@ -144,6 +144,34 @@ def _start(settings: Settings, agent_dir: Path) -> Endpoint:
             cwd=agent_dir,
         )
     return _wait_ready(proc, state_file, log_path, token, settings.agent_start_timeout)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _new_token(path: Path) -> str:
+    token = secrets.token_urlsafe(32)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+def _free_port(previous: object) -> int:
+    """The previous agent's port if nothing holds it now, else 0 (any port)."""
+    if not isinstance(previous, int) or not 0 < previous < 65536:
+        return 0
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", previous))
+        except OSError:
+            return 0
+    return previous
 
 
 def _wait_ready(
