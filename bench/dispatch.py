@@ -1,12 +1,23 @@
 #!/usr/bin/env python3
-"""Dispatch overhead of `mle run` on the local agent, and `mle --help` start-up time.
+"""Dispatch overhead of `mle run` on the local agent vs Prefect 3 and Dask; `mle --help` start-up.
 
 Runs N no-op steps (`true`) as a chain and as a fan-out through the real `mle` command on a warm
-local agent, and reports wall / steps. For a side-by-side reference it runs the same work (one
-`true` process per step, chained and fanned out) in Dask distributed's LocalCluster when Dask is
-installed, and always against a floor: spawning the same processes directly from Python.
+local agent, and reports wall / steps. Side by side, in the same run, it does the same work (one
+`/bin/sh -c true` process per step, chained and fanned out at the agent's concurrency, its cpu
+count) in each peer that is installed (`pip install -e '.[bench]'`), and always against a floor:
+spawning the same processes directly from Python.
+- Prefect 3 in its default local mode (ephemeral API server, throwaway PREFECT_HOME), run by
+  bench/prefect_peer.py in its own process, with `--prefect-python` (default: this Python).
+- Dask distributed's LocalCluster, in this process.
+
+Per-step figures come from warm runs (the agent started, the Prefect server booted, the cluster
+up); each runtime's cold start-up and its fixed cost per run (a 1-step run) are reported apart.
+
+Adding a section: a `measure_*` function that puts figures into `Results`, called from `main()`,
+and its rows in `markdown_section()`.
 
 Usage: bench/dispatch.py [--steps 100] [--repeat 3] [--out bench/RESULTS.md]
+                         [--prefect-python PATH]
 """
 
 from __future__ import annotations
@@ -16,16 +27,61 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PREFECT_PEER = Path(__file__).resolve().parent / "prefect_peer.py"
+
+# Prefect's settings for the run, on top of a fresh PREFECT_HOME and no inherited PREFECT_*
+# (so no PREFECT_API_URL: the ephemeral server). They only silence it; all are in the results.
+PREFECT_SETTINGS = {
+    "DO_NOT_TRACK": "1",  # client telemetry
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",  # no INFO line per flow and task run on the console
+    # The shared 2-core machine can be slow to boot the server; Prefect's default is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+@dataclass
+class Results:
+    """Seconds (and other figures) by name, plus peer versions and why a peer was skipped."""
+
+    figures: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, peer: str, reason: str) -> None:
+        self.skipped[peer] = reason
+        print(f"{peer}: skipped ({reason})", file=sys.stderr)
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def best(measure: Callable[[], float], repeat: int) -> float:
+    """The fastest of `repeat` measurements (least disturbed by the shared machine)."""
+    return min(measure() for _ in range(repeat))
+
+
+def spawn_true(*_: object) -> int:
+    """One step's work, the same for every runtime: a `true` process."""
+    return subprocess.run(["/bin/sh", "-c", "true"], check=True).returncode
+
+
+# --- mle -----------------------------------------------------------------------------------------
 
 
 def mle_command() -> list[str]:
@@ -34,11 +90,12 @@ def mle_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "mle_cli"]
 
 
+# `cache: false`: every run runs every step (a repeat would otherwise reuse the first's results).
 def chain_recipe(n: int) -> str:
     """N no-op steps, each needing the previous one."""
     lines = ["name: bench-chain", "steps:"]
     for i in range(n):
-        lines += [f"  s{i}:", "    run: 'true'"]
+        lines += [f"  s{i}:", "    run: 'true'", "    cache: false"]
         if i:
             lines.append(f"    needs: [s{i - 1}]")
     return "\n".join(lines) + "\n"
@@ -48,85 +105,290 @@ def fanout_recipe(n: int) -> str:
     """N independent no-op steps."""
     lines = ["name: bench-fanout", "steps:"]
     for i in range(n):
-        lines += [f"  s{i}:", "    run: 'true'"]
+        lines += [f"  s{i}:", "    run: 'true'", "    cache: false"]
     return "\n".join(lines) + "\n"
 
 
-def time_mle_run(project: Path, recipe: str, env: dict[str, str]) -> float:
-    """Wall seconds of one `mle run` of the recipe text (which must succeed)."""
-    (project / "bench.yaml").write_text(recipe)
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [*mle_command(), "run", "bench.yaml", "--no-live"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"mle run failed:\n{proc.stderr[-2000:]}")
-    return wall
+@dataclass
+class LocalAgent:
+    project: Path
+    env: dict[str, str]
+    start_s: float
+
+    def run(self, recipe: str, steps: int) -> float:
+        """Wall seconds of one `mle run` of the recipe text, which must run all its steps."""
+        (self.project / "bench.yaml").write_text(recipe)
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [*mle_command(), "run", "bench.yaml", "--no-live"],
+            cwd=self.project,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"mle run failed:\n{proc.stderr[-2000:]}")
+        if f" {steps}/{steps} steps succeeded" not in proc.stdout + proc.stderr:
+            raise SystemExit(f"mle run did not run all {steps} steps:\n{proc.stdout[-2000:]}")
+        return wall
+
+
+@contextmanager
+def local_agent() -> Iterator[LocalAgent]:
+    """A throwaway project with its local agent started (timed), stopped on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        env = {**os.environ, "MLE_PROJECT_DIR": str(project)}
+
+        def start() -> None:
+            subprocess.run(
+                [*mle_command(), "agent", "start"],
+                cwd=project,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+
+        start_s = timed(start)
+        try:
+            yield LocalAgent(project, env, start_s)
+        finally:
+            subprocess.run(
+                [*mle_command(), "agent", "stop"], cwd=project, env=env, capture_output=True
+            )
+
+
+def measure_mle(r: Results, n: int, repeat: int) -> None:
+    with local_agent() as agent:
+        first_run_s = agent.run(chain_recipe(1), 1)  # creates the ledger
+        r.figures["mle_startup_s"] = agent.start_s + first_run_s
+        r.figures["mle_one_step_s"] = best(lambda: agent.run(chain_recipe(1), 1), repeat)
+        r.figures["mle_chain_s"] = best(lambda: agent.run(chain_recipe(n), n), repeat)
+        r.figures["mle_fanout_s"] = best(lambda: agent.run(fanout_recipe(n), n), repeat)
+
+
+# --- floor ---------------------------------------------------------------------------------------
 
 
 def floor_chain(n: int) -> float:
     """Spawn N `true` processes one after another, from Python."""
-    start = time.perf_counter()
-    for _ in range(n):
-        subprocess.run(["/bin/sh", "-c", "true"], check=True)
-    return time.perf_counter() - start
+    return timed(lambda: [spawn_true() for _ in range(n)])
 
 
 def floor_fanout(n: int, workers: int) -> float:
     """Spawn N `true` processes, `workers` at a time."""
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda _: subprocess.run(["/bin/sh", "-c", "true"], check=True), range(n)))
-    return time.perf_counter() - start
+
+    def run() -> None:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(spawn_true, range(n)))
+
+    return timed(run)
 
 
-def dask_runs(n: int, workers: int) -> tuple[float, float] | None:
+def measure_floor(r: Results, n: int, repeat: int, workers: int) -> None:
+    r.figures["floor_chain_s"] = best(lambda: floor_chain(n), repeat)
+    r.figures["floor_fanout_s"] = best(lambda: floor_fanout(n, workers), repeat)
+
+
+# --- Dask ----------------------------------------------------------------------------------------
+
+
+def measure_dask(r: Results, n: int, repeat: int, workers: int) -> None:
     """Chain and fan-out of N process-spawning tasks on a Dask LocalCluster, if Dask is here."""
     try:
+        import dask
         from dask.distributed import Client, LocalCluster
-    except ImportError:
-        return None
+    except ImportError as e:
+        r.skip("dask", f"{e}; `pip install -e '.[bench]'` to compare")
+        return
+    r.versions["dask"] = dask.__version__
 
-    def step(*_: object) -> int:
-        return subprocess.run(["/bin/sh", "-c", "true"], check=True).returncode
-
+    start = time.perf_counter()
     with (
         LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.submit(step).result()  # warm up
-        start = time.perf_counter()
-        future = client.submit(step, pure=False)
-        for _ in range(n - 1):
-            future = client.submit(step, future, pure=False)
-        future.result()
-        chain = time.perf_counter() - start
-        start = time.perf_counter()
-        client.gather([client.submit(step, i, pure=False) for i in range(n)])
-        fanout = time.perf_counter() - start
-    return chain, fanout
+        client.submit(spawn_true, pure=False).result()
+        r.figures["dask_startup_s"] = time.perf_counter() - start
+
+        def chain() -> None:
+            future = client.submit(spawn_true, pure=False)
+            for _ in range(n - 1):
+                future = client.submit(spawn_true, future, pure=False)
+            future.result()
+
+        def fanout() -> None:
+            client.gather([client.submit(spawn_true, i, pure=False) for i in range(n)])
+
+        def one_step() -> None:
+            client.submit(spawn_true, pure=False).result()
+
+        r.figures["dask_one_step_s"] = best(lambda: timed(one_step), repeat)
+        r.figures["dask_chain_s"] = best(lambda: timed(chain), repeat)
+        r.figures["dask_fanout_s"] = best(lambda: timed(fanout), repeat)
 
 
-def median_wall(argv: list[str], repeat: int, env: dict[str, str] | None = None) -> float:
+# --- Prefect 3 -----------------------------------------------------------------------------------
+
+
+def prefect_env(home: Path) -> dict[str, str]:
+    """This environment without PREFECT_* settings, plus PREFECT_SETTINGS and a fresh home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, **PREFECT_SETTINGS, "PREFECT_HOME": str(home)}
+
+
+def measure_prefect(r: Results, n: int, repeat: int, workers: int, python: str) -> None:
+    """Run bench/prefect_peer.py with `python` in a fresh PREFECT_HOME, if Prefect 3 is there."""
+    probe = subprocess.run(
+        [python, "-c", "import prefect; print(prefect.__version__)"],
+        capture_output=True,
+        text=True,
+    )
+    version = probe.stdout.strip()
+    if probe.returncode != 0 or not version.startswith("3."):
+        reason = probe.stderr.strip().splitlines()[-1:] or [f"Prefect {version} is not 3.x"]
+        r.skip("prefect", f"{reason[0]}; `pip install -e '.[bench]'` to compare")
+        return
+    with tempfile.TemporaryDirectory() as home:
+        argv = [python, str(PREFECT_PEER), "--steps", str(n), "--repeat", str(repeat)]
+        proc = subprocess.run(
+            [*argv, "--workers", str(workers)],
+            env=prefect_env(Path(home)),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+    if proc.returncode != 0:
+        raise SystemExit(f"the Prefect peer failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    r.versions["prefect"] = out.pop("prefect_version")
+    r.figures.update(out)
+    r.figures["prefect_startup_s"] = out["prefect_import_s"] + out["prefect_first_flow_s"]
+
+
+# --- start-up ------------------------------------------------------------------------------------
+
+
+def median_wall(argv: list[str], repeat: int) -> float:
     """Median wall seconds of running a command."""
-    walls = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True, env=env)
-        walls.append(time.perf_counter() - start)
-    return statistics.median(walls)
+    walls = sorted(
+        timed(lambda: subprocess.run(argv, check=True, capture_output=True)) for _ in range(repeat)
+    )
+    return walls[len(walls) // 2]
 
 
-def best(measure: Callable[[], float], repeat: int) -> float:
-    """The fastest of `repeat` measurements (least disturbed by the shared machine)."""
-    return min(measure() for _ in range(repeat))
+def measure_help(r: Results, repeat: int) -> None:
+    r.figures["help_s"] = median_wall([*mle_command(), "--help"], 2 * repeat + 1)
+    r.figures["python_pass_s"] = median_wall([sys.executable, "-c", "pass"], 2 * repeat + 1)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+RUNTIMES = ("mle", "floor", "dask", "prefect")
+
+
+def summarize(f: dict[str, float], n: int) -> dict[str, float]:
+    """Per-step overhead, throughput, and mle's ratios to the floor and to each peer."""
+    s: dict[str, float] = {"help_extra_ms": 1000 * (f["help_s"] - f["python_pass_s"])}
+    for rt in RUNTIMES:
+        if f"{rt}_chain_s" not in f:
+            continue
+        s[f"{rt}_chain_ms_per_step"] = 1000 * f[f"{rt}_chain_s"] / n
+        s[f"{rt}_fanout_ms_per_step"] = 1000 * f[f"{rt}_fanout_s"] / n
+        s[f"{rt}_fanout_steps_per_s"] = n / f[f"{rt}_fanout_s"]
+        if f"{rt}_one_step_s" in f and n > 1:
+            # What a step adds to a run once its fixed cost (a 1-step run) is paid. From in-flow
+            # times where a peer has them: Prefect's walls are rounded up to whole seconds.
+            kind = "_body" if f"{rt}_chain_body_s" in f else ""
+            extra = f[f"{rt}_chain{kind}_s"] - f[f"{rt}_one_step{kind}_s"]
+            s[f"{rt}_chain_marginal_ms_per_step"] = 1000 * extra / (n - 1)
+        if f"{rt}_fanout_body_s" in f:
+            s[f"{rt}_fanout_body_steps_per_s"] = n / f[f"{rt}_fanout_body_s"]
+        if rt != "mle":
+            s[f"chain_ratio_mle_vs_{rt}"] = f["mle_chain_s"] / f[f"{rt}_chain_s"]
+            s[f"fanout_ratio_mle_vs_{rt}"] = f["mle_fanout_s"] / f[f"{rt}_fanout_s"]
+    return s
+
+
+def markdown_section(path: Path, n: int, repeat: int, r: Results, s: dict[str, float]) -> str:
+    """One dated section with the figures, the command and the peers' configuration."""
+    f = r.figures
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    workers = os.cpu_count() or 1
+
+    def cells(fmt: str, value: Callable[[str], float | None]) -> str:
+        out = []
+        for rt in RUNTIMES:
+            try:
+                v = value(rt)
+            except KeyError:
+                v = None
+            out.append("n/a" if v is None else fmt.format(v))
+        return " | ".join(out)
+
+    def ratio(rt: str) -> str:
+        if f"chain_ratio_mle_vs_{rt}" not in s:
+            return f"{rt}: not run ({r.skipped.get(rt, 'not installed')})"
+        return (
+            f"chain {s[f'chain_ratio_mle_vs_{rt}']:.2f}×, "
+            f"fan-out {s[f'fanout_ratio_mle_vs_{rt}']:.2f}×"
+        )
+
+    prefect_conf = (
+        f"Prefect {r.versions['prefect']}: `@flow(task_runner=ThreadPoolTaskRunner"
+        f"(max_workers={workers}))`, `@task(cache_policy=NO_CACHE)`, steps `.submit()`ted "
+        "(chain: each gets the previous future); ephemeral API server (no PREFECT_API_URL), "
+        "fresh PREFECT_HOME, "
+        + ", ".join(f"`{k}={v}`" for k, v in PREFECT_SETTINGS.items())
+        + "; start-up = import + first 1-step flow (boots the server)."
+        if "prefect" in r.versions
+        else f"Prefect: not run ({r.skipped.get('prefect', '')})."
+    )
+    dask_conf = (
+        f"Dask {r.versions['dask']}: LocalCluster(n_workers={workers}, threads_per_worker=1, "
+        "processes=True), `client.submit(..., pure=False)`; start-up = cluster + client + "
+        "first task."
+        if "dask" in r.versions
+        else f"Dask: not run ({r.skipped.get('dask', '')})."
+    )
+    lines = [
+        f"\n## dispatch — {time.strftime('%Y-%m-%d %H:%M')} ({machine})\n",
+        f"Command: `python bench/dispatch.py --steps {n} --repeat {repeat} --out {path}`; "
+        f"best of the repeats; warm runtimes; each step runs `true` in its own process; "
+        f"fan-out at a concurrency of {workers} everywhere (the agent's default slots).\n",
+        "| measure | mle | floor (direct spawn) | Dask LocalCluster | Prefect 3 | target |",
+        "|---|---|---|---|---|---|",
+        f"| chain: ms per step (wall / N) | "
+        f"{cells('{:.1f}', lambda rt: s[f'{rt}_chain_ms_per_step'])} | ≤ 25 |",
+        f"| fan-out: steps/s | {cells('{:.0f}', lambda rt: s[f'{rt}_fanout_steps_per_s'])} | ≥ 100 |",
+        f"| chain: marginal ms per step ((wall N − wall 1) / (N − 1))¹ | "
+        f"{cells('{:.1f}', lambda rt: s.get(f'{rt}_chain_marginal_ms_per_step'))} | |",
+        f"| fixed cost per run: a 1-step run, warm (ms) | "
+        f"{cells('{:.0f}', lambda rt: 1000 * f[f'{rt}_one_step_s'])} | |",
+        f"| start-up, cold (s) | {cells('{:.2f}', lambda rt: f[f'{rt}_startup_s'])} | |",
+        f"| `mle --help` extra over `python -c pass` | {s['help_extra_ms']:.0f} ms "
+        f"({1000 * f['help_s']:.0f} vs {1000 * f['python_pass_s']:.0f} ms) | | | | ≤ 150 ms |",
+        "",
+        f"Ratios of mle's wall to the peer's in the same run (below 1: mle is faster): floor "
+        f"chain {s['chain_ratio_mle_vs_floor']:.1f}×; Dask {ratio('dask')}; "
+        f"Prefect {ratio('prefect')} (issue target: ≤ 0.33, Prefect 3× slower).",
+        "",
+        f"Start-up: mle = `mle agent start` + first 1-step run; {prefect_conf} {dask_conf}",
+    ]
+    if "prefect_chain_body_s" in f:
+        lines += [
+            "",
+            "¹ Prefect: from times taken inside the flow body (first line to the last task's "
+            "result), because a sync flow's wall is rounded up to at least the next whole second "
+            "after it starts: on exit it joins its heartbeat thread, which sleeps in 1 s slices "
+            "(`prefect.flow_engine._send_heartbeats`; default heartbeat every 180 s). In-flow "
+            f"fan-out: {s['prefect_fanout_body_steps_per_s']:.0f} steps/s; in-flow chain: "
+            f"{1000 * f['prefect_chain_body_s'] / n:.1f} ms per step.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -134,98 +396,29 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, help="append a results section to this markdown file")
+    parser.add_argument(
+        "--prefect-python",
+        default=sys.executable,
+        help="the Python that has Prefect 3 (e.g. a separate venv's), default: this one",
+    )
     args = parser.parse_args()
-    n = args.steps
+    n, repeat = args.steps, args.repeat
     workers = os.cpu_count() or 1
 
-    results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp)
-        env = {**os.environ, "MLE_PROJECT_DIR": str(project)}
-        subprocess.run(
-            [*mle_command(), "agent", "start"],
-            cwd=project,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        try:
-            results["mle_chain_s"] = best(
-                lambda: time_mle_run(project, chain_recipe(n), env), args.repeat
-            )
-            results["mle_fanout_s"] = best(
-                lambda: time_mle_run(project, fanout_recipe(n), env), args.repeat
-            )
-        finally:
-            subprocess.run(
-                [*mle_command(), "agent", "stop"], cwd=project, env=env, capture_output=True
-            )
-    results["floor_chain_s"] = best(lambda: floor_chain(n), args.repeat)
-    results["floor_fanout_s"] = best(lambda: floor_fanout(n, workers), args.repeat)
-    dask = dask_runs(n, workers)
-    if dask is not None:
-        results["dask_chain_s"], results["dask_fanout_s"] = dask
-    results["help_s"] = median_wall([*mle_command(), "--help"], 2 * args.repeat + 1)
-    results["python_pass_s"] = median_wall([sys.executable, "-c", "pass"], 2 * args.repeat + 1)
+    r = Results()
+    measure_mle(r, n, repeat)
+    measure_floor(r, n, repeat, workers)
+    measure_dask(r, n, repeat, workers)
+    measure_prefect(r, n, repeat, workers, args.prefect_python)
+    measure_help(r, repeat)
 
-    summary = summarize(results, n)
-    print(json.dumps({"steps": n, **results, **summary}, indent=2))
+    summary = summarize(r.figures, n)
+    report = {"steps": n, **r.figures, **summary, "versions": r.versions, "skipped": r.skipped}
+    print(json.dumps(report, indent=2))
     if args.out:
-        write_markdown(args.out, n, args.repeat, results, summary)
+        with args.out.open("a") as out:
+            out.write(markdown_section(args.out, n, repeat, r, summary))
     return 0
-
-
-def summarize(r: dict[str, float], n: int) -> dict[str, float]:
-    """Per-step overhead, throughput, and ratios against the floor and Dask."""
-    s = {
-        "mle_chain_ms_per_step": 1000 * r["mle_chain_s"] / n,
-        "mle_fanout_steps_per_s": n / r["mle_fanout_s"],
-        "floor_chain_ms_per_step": 1000 * r["floor_chain_s"] / n,
-        "floor_fanout_steps_per_s": n / r["floor_fanout_s"],
-        "help_extra_ms": 1000 * (r["help_s"] - r["python_pass_s"]),
-    }
-    if "dask_chain_s" in r:
-        s["dask_chain_ms_per_step"] = 1000 * r["dask_chain_s"] / n
-        s["dask_fanout_steps_per_s"] = n / r["dask_fanout_s"]
-        s["chain_ratio_mle_vs_dask"] = r["mle_chain_s"] / r["dask_chain_s"]
-        s["fanout_ratio_mle_vs_dask"] = r["mle_fanout_s"] / r["dask_fanout_s"]
-    s["chain_ratio_mle_vs_floor"] = r["mle_chain_s"] / r["floor_chain_s"]
-    return s
-
-
-def write_markdown(
-    path: Path, n: int, repeat: int, r: dict[str, float], s: dict[str, float]
-) -> None:
-    """Append one dated section with the figures and the command that produced them."""
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    lines = [
-        f"\n## dispatch — {time.strftime('%Y-%m-%d %H:%M')} ({machine})\n",
-        f"Command: `python bench/dispatch.py --steps {n} --repeat {repeat} --out {path}`; "
-        "best of the repeats; "
-        "warm local agent; each step runs `true` in its own process.\n",
-        "| measure | mle | floor (direct spawn) | Dask LocalCluster | target |",
-        "|---|---|---|---|---|",
-        f"| chain: ms per step | {s['mle_chain_ms_per_step']:.1f} | {s['floor_chain_ms_per_step']:.1f} | "
-        f"{_opt(s, 'dask_chain_ms_per_step', '{:.1f}')} | ≤ 25 |",
-        f"| fan-out: steps/s | {s['mle_fanout_steps_per_s']:.0f} | {s['floor_fanout_steps_per_s']:.0f} | "
-        f"{_opt(s, 'dask_fanout_steps_per_s', '{:.0f}')} | ≥ 100 |",
-        f"| `mle --help` extra over `python -c pass` | {s['help_extra_ms']:.0f} ms "
-        f"({1000 * r['help_s']:.0f} vs {1000 * r['python_pass_s']:.0f} ms) | | | ≤ 150 ms |",
-        "",
-        f"Ratios in the same run: chain mle/floor = {s['chain_ratio_mle_vs_floor']:.1f}×"
-        + (
-            f", chain mle/Dask = {s['chain_ratio_mle_vs_dask']:.2f}×, "
-            f"fan-out wall mle/Dask = {s['fanout_ratio_mle_vs_dask']:.2f}×."
-            if "dask_chain_s" in r
-            else " (Dask not installed: `pip install 'dask[distributed]'` to compare)."
-        ),
-    ]
-    with path.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _opt(s: dict[str, float], key: str, fmt: str) -> str:
-    return fmt.format(s[key]) if key in s else "n/a"
 
 
 if __name__ == "__main__":

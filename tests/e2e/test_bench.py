@@ -2,45 +2,97 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import venv
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Project
+from tests.conftest import REPO
 
-pytestmark = pytest.mark.e2e
+# One tiny dispatch run (5 steps, once) is shared by the tests below: about 20 s, most of it
+# Prefect booting its ephemeral server.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
-def test_dispatch_benchmark_runs_and_reports_every_figure(project: Project, tmp_path: Path) -> None:
-    out = tmp_path / "RESULTS.md"
+@pytest.fixture(scope="module")
+def dispatch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """The JSON figures and the markdown section of `bench/dispatch.py --steps 5 --repeat 1`."""
+    tmp = tmp_path_factory.mktemp("bench")
+    home = tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLE_", "PYTEST_"))}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    env["PYTHONPATH"] = os.pathsep.join(str(REPO / d) for d in ("cli", "agent", "protos"))
+    out = tmp / "RESULTS.md"
+    argv = [sys.executable, str(REPO / "bench/dispatch.py"), "--steps", "5", "--repeat", "1"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/dispatch.py"),
-            "--steps",
-            "5",
-            "--repeat",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [*argv, "--out", str(out)],
         capture_output=True,
         text=True,
-        env=project.env,
-        cwd=project.root,
-        timeout=300,
+        env=env,
+        cwd=tmp,
+        timeout=280,
     )
     assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout)
+    return json.loads(proc.stdout), out.read_text()
+
+
+def test_dispatch_benchmark_reports_mle_figures_against_the_floor(
+    dispatch: tuple[dict[str, Any], str],
+) -> None:
+    figures, text = dispatch
     for key in (
         "mle_chain_ms_per_step",
         "mle_fanout_steps_per_s",
+        "mle_one_step_s",
+        "mle_startup_s",
         "help_extra_ms",
         "chain_ratio_mle_vs_floor",
     ):
-        assert figures[key] > 0
-    text = out.read_text()
-    assert "| chain: ms per step |" in text and "bench/dispatch.py --steps 5" in text
+        assert figures[key] > 0, key
+    assert "| chain: ms per step" in text and "bench/dispatch.py --steps 5" in text
+
+
+@pytest.mark.parametrize("peer", ["dask", "prefect"])
+def test_dispatch_benchmark_compares_with_each_installed_peer(
+    dispatch: tuple[dict[str, Any], str], peer: str
+) -> None:
+    figures, text = dispatch
+    if peer in figures["skipped"]:
+        reason = figures["skipped"][peer]
+        assert reason in text  # the results say why the column is empty
+        pytest.skip(f"{peer} not installed, its part of the benchmark did not run: {reason}")
+    for key in ("chain_ms_per_step", "fanout_steps_per_s", "one_step_s", "startup_s"):
+        assert figures[f"{peer}_{key}"] > 0, key
+    assert figures[f"chain_ratio_mle_vs_{peer}"] > 0
+    assert figures["versions"][peer] in text
+
+
+def _load_dispatch(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/dispatch.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_dispatch", REPO / "bench/dispatch.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefect_part_is_skipped_with_the_reason_when_prefect_is_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = tmp_path / "bare"
+    venv.create(bare, system_site_packages=False, with_pip=False)
+    bench = _load_dispatch(monkeypatch)
+    results = bench.Results()
+    bench.measure_prefect(results, 3, 1, 1, str(bare / "bin" / "python"))
+    assert results.figures == {}
+    assert "No module named 'prefect'" in results.skipped["prefect"]
+    assert "pip install -e '.[bench]'" in results.skipped["prefect"]

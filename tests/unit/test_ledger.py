@@ -175,3 +175,26 @@ def test_the_ledger_opens_in_the_sqlite_utils_cli(tmp_path: Path) -> None:
         {"step_id": "a", "status": "pending"},
         {"step_id": "b", "status": "pending"},
     ]
+
+
+def test_a_version_1_ledger_is_migrated_in_place_keeping_its_runs(tmp_path: Path) -> None:
+    from mle_cli.ledger._schema import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_MIGRATIONS[0])
+    conn.execute(
+        "INSERT INTO runs (id, recipe, source, recipe_digest, params, status, created) "
+        "VALUES ('r1', 'old', 'old.yaml', 'sha256:x', '{}', 'succeeded', 1.0)"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    ledger = Ledger(path)
+    try:
+        assert ledger.run("r1")["status"] == "succeeded"
+        assert ledger.run("r1")["plan"] is None
+        ledger.record_metrics("r1", "s", {"accuracy": 0.9, "note": "ok"})
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        ledger.close()
