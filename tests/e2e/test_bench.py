@@ -16,14 +16,14 @@ import pytest
 
 from tests.conftest import REPO
 
-# One tiny dispatch run (5 steps, once) is shared by the tests below: about 20 s, most of it
-# Prefect booting its ephemeral server.
+# One tiny dispatch run (5 steps, once; the resume cost on 10 steps killed at 5) is shared by the
+# tests below: about 25 s, most of it Prefect booting its ephemeral server.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
 def dispatch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    """The JSON figures and the markdown section of `bench/dispatch.py --steps 5 --repeat 1`."""
+    """The JSON figures and the markdown sections of `bench/dispatch.py --steps 5 --repeat 1`."""
     tmp = tmp_path_factory.mktemp("bench")
     home = tmp / "home"
     home.mkdir()
@@ -33,7 +33,7 @@ def dispatch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
     out = tmp / "RESULTS.md"
     argv = [sys.executable, str(REPO / "bench/dispatch.py"), "--steps", "5", "--repeat", "1"]
     proc = subprocess.run(
-        [*argv, "--out", str(out)],
+        [*argv, "--resume-steps", "10", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -73,6 +73,22 @@ def test_dispatch_benchmark_compares_with_each_installed_peer(
         assert figures[f"{peer}_{key}"] > 0, key
     assert figures[f"chain_ratio_mle_vs_{peer}"] > 0
     assert figures["versions"][peer] in text
+
+
+def test_resume_cost_runs_no_succeeded_step_again(dispatch: tuple[dict[str, Any], str]) -> None:
+    figures, text = dispatch
+    assert figures["resume_steps"] == 10 and figures["resume_kill_at"] == 5
+    assert figures["resume_done_at_kill_min"] >= 5
+    assert figures["resume_reruns"] == 0
+    assert (
+        figures["resume_reattached"] + figures["resume_redispatched"]
+        == (figures["resume_in_flight"])
+    )
+    for key in ("fresh_first_dispatch_s", "resume_first_dispatch_s", "resume_wall_s"):
+        assert figures[key] > 0, key
+    assert figures["resume_first_dispatch_ratio"] > 0
+    assert "## resume cost" in text and "--resume-steps 10" in text
+    assert "| succeeded steps run again | | 0 (" in text
 
 
 def _load_dispatch(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
