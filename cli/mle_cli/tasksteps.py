@@ -135,7 +135,9 @@ class TaskSteps:
             probe = self._request(step, executor, 0, inputs, context)
             if await self._cached(step, outcome, executor, probe):
                 return
-        update = await self._attempt_loop(step, outcome, executor, inputs, context, attempts)
+        update, executor = await self._attempt_loop(
+            step, outcome, executor, inputs, context, attempts
+        )
         await self._conclude(step, outcome, executor, update)
 
     async def _attempt_loop(
@@ -146,36 +148,39 @@ class TaskSteps:
         inputs: Mapping[str, str],
         context: dict[str, Any],
         earlier: tuple[PriorAttempt, ...],
-    ) -> TaskUpdate:
+    ) -> tuple[TaskUpdate, Executor]:
+        """Attempts until one succeeds or the retries run out: the last result, and the
+        executor it ran on (where its outputs are)."""
         number = max((a.attempt for a in earlier), default=0)
         resume = earlier[-1] if earlier and earlier[-1].unfinished else None
         update = result(Status.CANCELLED, "cancelled")
         for tried in range(step.retries.max + 1):
-            if resume is not None and tried == 0:
-                runner = await self._executor_for(resume.agent)
-                update = await self._one(
-                    step, outcome, runner, resume.attempt, inputs, context, resume.last_seq
-                )
+            after: int | None = None
+            try:
+                if resume is not None and tried == 0:
+                    executor = await self._executor_for(resume.agent)
+                    this, after = resume.attempt, resume.last_seq
+                else:
+                    if tried > 0:  # a fresh connection, or agent, if the last one was lost
+                        executor = await self._executor_for(step.target)
+                    number += 1
+                    this = number
+            except MleError as e:  # no agent to run it on: a failed try, retried like any other
+                update = result(Status.FAILED, str(e))
             else:
-                number += 1
-                update = await self._one(step, outcome, executor, number, inputs, context, None)
+                update = await self._one(step, outcome, executor, this, inputs, context, after)
             if update.status == Status.CANCELLED and not self._host.cancelled.is_set():
                 # e.g. by `mle cancel`, which reaches the agents directly
                 self._host.cancel(update.text or "cancelled on the agent")
-            if (
-                update.status in (Status.SUCCEEDED, Status.CANCELLED)
-                or self._host.cancelled.is_set()
-            ):
-                break
-            if tried == step.retries.max:
+            done = update.status in (Status.SUCCEEDED, Status.CANCELLED)
+            if done or self._host.cancelled.is_set() or tried == step.retries.max:
                 break
             delay = step.retries.delay(tried + 1)
             message = f"attempt {number} {update.state}; retry in {delay:g}s"
             self._host.set_status(outcome, Status.RETRYING, message)
             if await self._host.sleep_unless_cancelled(delay):
-                return result(Status.CANCELLED, self._host.cancel_reason or "cancelled")
-            executor = await self._executor_for(step.target)  # a fresh agent if it was lost
-        return update
+                return result(Status.CANCELLED, self._host.cancel_reason or "cancelled"), executor
+        return update, executor
 
     async def _one(
         self,

@@ -34,6 +34,9 @@ _GET_ATTEMPTS = 4
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
+    # A connection of its own, not one shared with an earlier channel to the same address that
+    # is still backing off after its agent died: a restarted agent is reachable at once.
+    ("grpc.use_local_subchannel_pool", 1),
     # A restarted agent is back within a second or two: do not back off for longer than that.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
