@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,7 @@ async def running_agent(settings: AgentSettings, token: str | None = None) -> As
     """Start an agent in this event loop; drain, stop and close it afterwards, even on failure."""
     if token is not None:
         token_file = settings.data_dir.parent / "token"
+        token_file.parent.mkdir(parents=True, exist_ok=True)
         token_file.write_text(token)
         token_file.chmod(0o600)
         settings = replace(settings, token_file=token_file)
@@ -214,6 +215,90 @@ def _alive(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def kill_task_processes(root: Path) -> list[int]:
+    """SIGKILL every task process whose work dir is under root; return their pids.
+
+    Tasks outlive an agent killed with SIGKILL (that is the point), and they are then nobody's
+    children here: a test that kills an agent cleans up with this, even when it fails.
+    """
+    killed = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("MLE_WORK_DIR", "").startswith(str(root)):
+                process.kill()
+                killed.append(process.pid)
+    return killed
+
+
+class Client:
+    """A blocking client for one agent address (an agent in a subprocess)."""
+
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.agent = pb_grpc.AgentStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def start(self, task_id: str, shell: str, **spec: Any) -> pb.TaskHandle:
+        """StartTask."""
+        request = pb.TaskSpec(task_id=task_id, shell=shell, **spec)
+        return self.agent.StartTask(request, metadata=self.metadata, timeout=20)
+
+    def events(self, task_id: str, after_seq: int = 0) -> list[pb.TaskEvent]:
+        """Watch a task to its end."""
+        request = pb.WatchTaskRequest(task_id=task_id, after_seq=after_seq)
+        return list(self.agent.WatchTask(request, metadata=self.metadata, timeout=60))
+
+    def events_until(
+        self, task_id: str, done: Callable[[list[pb.TaskEvent]], bool], after_seq: int = 0
+    ) -> list[pb.TaskEvent]:
+        """Watch a task until done(events seen so far) holds; those events."""
+        request = pb.WatchTaskRequest(task_id=task_id, after_seq=after_seq)
+        stream = self.agent.WatchTask(request, metadata=self.metadata, timeout=60)
+        seen: list[pb.TaskEvent] = []
+        for event in stream:
+            seen.append(event)
+            if done(seen):
+                stream.cancel()
+                return seen
+        raise AssertionError(f"{task_id} ended first: {seen[-1] if seen else None}")
+
+    def wait_running(self, task_id: str) -> None:
+        """Watch until RUNNING."""
+        self.events_until(task_id, lambda seen: seen[-1].state.state == pb.TASK_STATE_RUNNING)
+
+    def cancel(self, task_id: str, reason: str = "") -> pb.TaskHandle:
+        """CancelTask."""
+        request = pb.CancelTaskRequest(task_id=task_id, reason=reason)
+        return self.agent.CancelTask(request, metadata=self.metadata, timeout=30)
+
+    def heartbeats(self, count: int, interval: float = 0.0) -> list[pb.AgentHeartbeat]:
+        """The first count heartbeats of a new Heartbeat stream."""
+        request = pb.HeartbeatRequest(interval_seconds=interval)
+        stream = self.agent.Heartbeat(request, metadata=self.metadata, timeout=60)
+        beats = [next(stream) for _ in range(count)]
+        stream.cancel()
+        return beats
+
+    def health_status(self) -> int:
+        """grpc.health.v1 overall status."""
+        request = health_pb2.HealthCheckRequest()
+        return int(self.health.Check(request, metadata=self.metadata, timeout=10).status)
+
+
+def lines(events: list[pb.TaskEvent], stream: int | None = None) -> list[str]:
+    """The text of a task's log events, of one stream or both."""
+    return [
+        e.log.text
+        for e in events
+        if e.HasField("log") and (stream is None or e.log.stream == stream)
+    ]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--state-file", help="write pid, address and port here (JSON, 0600) once listening")
     add("--drain-timeout", type=float, help="seconds tasks get to finish on SIGTERM (default 30)")
     add("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (default 2)")
+    add("--heartbeat-interval", type=float, help="seconds between heartbeats (default 1)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     parser.set_defaults(config=None)
     return parser

@@ -16,7 +16,9 @@ class TaskEvents:
 
     Log lines are buffered and committed together on the next loop iteration (one transaction per
     batch, not per line); state changes and the result are committed at once, after any buffered
-    lines. Watchers are woken only after the commit, so nothing is sent that the outbox lacks.
+    lines. Each line's log file offset is committed with it, so a restarted agent reads on from
+    exactly the next line. Watchers are woken only after the commit, so nothing is sent that the
+    outbox lacks.
     """
 
     def __init__(self, outbox: Outbox, task_id: str, last_seq: int, state: State) -> None:
@@ -26,6 +28,7 @@ class TaskEvents:
         self.state = state
         self.changed = asyncio.Event()
         self._pending: list[pb.TaskEvent] = []
+        self._offsets: dict[int, int] = {}  # by stream: the log offset just past the last line
         self._flush_scheduled = False
 
     @property
@@ -33,9 +36,10 @@ class TaskEvents:
         """Whether the result has been committed."""
         return self.state in FINAL_STATES
 
-    def log(self, stream: pb.LogStream.ValueType, text: str) -> None:
-        """Buffer one output line; it is committed on the next loop iteration."""
+    def log(self, stream: pb.LogStream.ValueType, text: str, offset: int) -> None:
+        """Buffer one line ending at offset in its log file; committed on the next iteration."""
         self._pending.append(pb.TaskEvent(log=pb.LogLine(stream=stream, text=text)))
+        self._offsets[stream] = offset
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -68,9 +72,15 @@ class TaskEvents:
             event.time = now
         batch = self._pending
         self._outbox.append(
-            self.task_id, batch, state=state, exit_code=exit_code, finished=finished
+            self.task_id,
+            batch,
+            state=state,
+            exit_code=exit_code,
+            finished=finished,
+            offsets=self._offsets,
         )
         self._pending = []  # only once committed: a failed commit is retried by the next flush
+        self._offsets = {}
         self.last_seq = batch[-1].seq
         if state is not None:
             self.state = state

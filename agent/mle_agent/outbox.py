@@ -7,7 +7,7 @@ acked them, except the final result, so a late watcher still learns how the task
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -15,7 +15,15 @@ from typing import TypeAlias
 from mle_proto.errors import FailedPrecondition
 from mle_proto.v1 import agent_pb2 as pb
 
-__all__ = ["FINAL_STATES", "Outbox", "State", "TaskRow", "state_name"]
+__all__ = [
+    "FINAL_STATES",
+    "SCHEMA_VERSION",
+    "Outbox",
+    "ProcessRecord",
+    "State",
+    "TaskRow",
+    "state_name",
+]
 
 State: TypeAlias = pb.TaskState.ValueType
 
@@ -28,31 +36,45 @@ FINAL_STATES: frozenset[State] = frozenset(
         pb.TASK_STATE_LOST,
     }
 )
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id     TEXT PRIMARY KEY,
-    run_id      TEXT NOT NULL,
-    step        TEXT NOT NULL,
-    spec        BLOB NOT NULL,
-    state       TEXT NOT NULL,
-    exit_code   INTEGER NOT NULL DEFAULT 0,
-    created     REAL NOT NULL,
-    finished    REAL NOT NULL DEFAULT 0,
-    last_seq    INTEGER NOT NULL DEFAULT 0,
-    acked_seq   INTEGER NOT NULL DEFAULT 0,
-    pid         INTEGER NOT NULL DEFAULT 0,
-    pid_started REAL NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
-CREATE TABLE IF NOT EXISTS events (
-    task_id TEXT NOT NULL,
-    seq     INTEGER NOT NULL,
-    time    REAL NOT NULL,
-    body    BLOB NOT NULL,
-    PRIMARY KEY (task_id, seq)
-) WITHOUT ROWID;
-"""
+# Migration N takes agent.db from user_version N-1 to N; an existing agent.db is moved forward on
+# open. Never edit a shipped migration: append a new one.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS tasks (
+        task_id     TEXT PRIMARY KEY,
+        run_id      TEXT NOT NULL,
+        step        TEXT NOT NULL,
+        spec        BLOB NOT NULL,
+        state       TEXT NOT NULL,
+        exit_code   INTEGER NOT NULL DEFAULT 0,
+        created     REAL NOT NULL,
+        finished    REAL NOT NULL DEFAULT 0,
+        last_seq    INTEGER NOT NULL DEFAULT 0,
+        acked_seq   INTEGER NOT NULL DEFAULT 0,
+        pid         INTEGER NOT NULL DEFAULT 0,
+        pid_started REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
+    CREATE TABLE IF NOT EXISTS events (
+        task_id TEXT NOT NULL,
+        seq     INTEGER NOT NULL,
+        time    REAL NOT NULL,
+        body    BLOB NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID;
+    """,
+    # What a restarted agent needs to re-adopt a running task: its deadline (time.monotonic(),
+    # i.e. CLOCK_MONOTONIC, one clock for every process of a boot) and how far each log was read.
+    # Version 1 left last_seq at 0 until a task's second event; a revived task counts on it.
+    """
+    ALTER TABLE tasks ADD COLUMN deadline REAL NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN out_offset INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN err_offset INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET last_seq = MAX(last_seq, COALESCE(
+        (SELECT MAX(seq) FROM events WHERE events.task_id = tasks.task_id), 0));
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
 _SELECT = (
     "SELECT task_id, run_id, step, spec, state, exit_code, created, finished, last_seq, acked_seq "
     "FROM tasks"
@@ -102,6 +124,16 @@ class TaskRow:
         )
 
 
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What the outbox remembers of a task's process, so a restarted agent can find it again."""
+
+    pid: int  # the shim: session and process group leader; 0 when none was recorded
+    started: float  # its create time (unix seconds), to tell it from a process that reused the pid
+    deadline: float  # time.monotonic() at which the task times out; 0 = no timeout
+    offsets: tuple[int, int]  # bytes of stdout and stderr already turned into events
+
+
 class Outbox:
     """Tasks and their events in `agent.db` (WAL, synchronous=NORMAL)."""
 
@@ -118,12 +150,22 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > _SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise FailedPrecondition(
                 f"agent.db has schema version {version}, newer than this agent understands"
             )
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._migrate(target)
+
+    def _migrate(self, target: int) -> None:
+        """Apply one migration and record its version, all in one transaction."""
+        script = f"BEGIN IMMEDIATE;{_MIGRATIONS[target - 1]}PRAGMA user_version={target};COMMIT;"
+        try:
+            self._db.executescript(script)
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close the database (checkpoints the WAL)."""
@@ -133,8 +175,8 @@ class Outbox:
         """Record a new task and its first event in one transaction."""
         with self._transaction():
             self._db.execute(
-                "INSERT INTO tasks (task_id, run_id, step, spec, state, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks (task_id, run_id, step, spec, state, created, last_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     spec.task_id,
                     spec.run_id,
@@ -142,6 +184,7 @@ class Outbox:
                     spec.SerializeToString(),
                     state_name(pb.TASK_STATE_PENDING),
                     created,
+                    first.seq,
                 ),
             )
             self._insert_events(spec.task_id, [first])
@@ -154,39 +197,49 @@ class Outbox:
         state: State | None = None,
         exit_code: int | None = None,
         finished: float | None = None,
+        offsets: Mapping[int, int] | None = None,
     ) -> None:
-        """Commit a batch of events, and the task's new state when it changed."""
+        """Commit a batch of events, the task's new state and log offsets (by stream) they reach."""
+        offsets = offsets or {}
         with self._transaction():
             self._insert_events(task_id, events)
             self._db.execute(
                 "UPDATE tasks SET last_seq = ?, state = COALESCE(?, state), "
-                "exit_code = COALESCE(?, exit_code), finished = COALESCE(?, finished) "
+                "exit_code = COALESCE(?, exit_code), finished = COALESCE(?, finished), "
+                "out_offset = COALESCE(?, out_offset), err_offset = COALESCE(?, err_offset) "
                 "WHERE task_id = ?",
                 (
                     events[-1].seq,
                     None if state is None else state_name(state),
                     exit_code,
                     finished,
+                    offsets.get(pb.LOG_STREAM_STDOUT),
+                    offsets.get(pb.LOG_STREAM_STDERR),
                     task_id,
                 ),
             )
             if finished is not None:
                 self._prune(task_id)
 
-    def set_process(self, task_id: str, pid: int, started: float) -> None:
-        """Remember a task's process (group leader) so a restarted agent can kill it."""
+    def set_process(self, task_id: str, pid: int, started: float, deadline: float = 0.0) -> None:
+        """Remember a task's process (group leader) so a restarted agent can re-adopt or kill it."""
         with self._transaction():
             self._db.execute(
-                "UPDATE tasks SET pid = ?, pid_started = ? WHERE task_id = ?",
-                (pid, started, task_id),
+                "UPDATE tasks SET pid = ?, pid_started = ?, deadline = ?, out_offset = 0, "
+                "err_offset = 0 WHERE task_id = ?",
+                (pid, started, deadline, task_id),
             )
 
-    def process_of(self, task_id: str) -> tuple[int, float]:
-        """The recorded (pid, process start time) of a task; pid 0 when none."""
+    def process_of(self, task_id: str) -> ProcessRecord:
+        """The recorded process of a task; pid 0 when none."""
         row = self._db.execute(
-            "SELECT pid, pid_started FROM tasks WHERE task_id = ?", (task_id,)
+            "SELECT pid, pid_started, deadline, out_offset, err_offset FROM tasks "
+            "WHERE task_id = ?",
+            (task_id,),
         ).fetchone()
-        return (int(row[0]), float(row[1])) if row else (0, 0.0)
+        if row is None:
+            return ProcessRecord(0, 0.0, 0.0, (0, 0))
+        return ProcessRecord(int(row[0]), float(row[1]), float(row[2]), (int(row[3]), int(row[4])))
 
     def get(self, task_id: str) -> TaskRow | None:
         """One task, or None."""

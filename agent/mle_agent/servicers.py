@@ -17,6 +17,7 @@ import grpc
 import psutil
 
 from mle_agent.facts import agent_info
+from mle_agent.heartbeat import heartbeat_interval
 from mle_agent.tasks import TaskManager
 from mle_proto.errors import InvalidInput, MleError, NotFound, ResourceExhausted
 from mle_proto.store import CHUNK, ArtifactStore, parse_digest
@@ -84,7 +85,7 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class AgentServicer(pb_grpc.AgentServicer):
-    """Tasks: start, watch, cancel, list, ack; and the agent's facts."""
+    """Tasks: start, watch, cancel, list, ack; the agent's facts and heartbeats."""
 
     def __init__(self, manager: TaskManager) -> None:
         self._manager = manager
@@ -126,6 +127,16 @@ class AgentServicer(pb_grpc.AgentServicer):
     async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
         """Record the operator's ack and prune what it covers."""
         return pb.AckResponse(acked_seq=self._manager.ack(request.task_id, request.upto_seq))
+
+    @_streaming
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> AsyncIterator[pb.AgentHeartbeat]:
+        """Liveness and load: one heartbeat at once, then one every interval until drain."""
+        default = self._manager.settings.heartbeat_interval
+        interval = heartbeat_interval(request.interval_seconds, default)
+        async for beat in self._manager.heartbeats(interval):
+            yield beat
 
 
 class ArtifactsServicer(pb_grpc.ArtifactsServicer):

@@ -23,6 +23,7 @@ from mle_proto.errors import UsageError
 __all__ = [
     "DEFAULT_CONFIG",
     "ENV_PREFIX",
+    "HEARTBEAT_RANGE",
     "AgentSettings",
     "build_settings",
     "check_listen_security",
@@ -34,6 +35,7 @@ ENV_PREFIX = "MLE_AGENT_"
 MiB = 1024 * 1024
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+HEARTBEAT_RANGE = (0.05, 60.0)  # seconds: any interval asked for is clamped to this
 
 
 def _default_data_dir() -> Path:
@@ -74,6 +76,7 @@ class AgentSettings:
     shutdown_grace: float = 1.0  # in-flight RPCs at server stop
     max_message_bytes: int = 4 * MiB
     max_log_line: int = 64 * 1024
+    heartbeat_interval: float = 1.0  # seconds between heartbeats when the caller asks for 0
 
     @property
     def artifacts_root(self) -> Path:
@@ -84,6 +87,11 @@ class AgentSettings:
     def work_root(self) -> Path:
         """Where per-task work dirs live."""
         return self.data_dir / "work"
+
+    @property
+    def task_root(self) -> Path:
+        """Where per-task control dirs live: the shim's log files and exit status."""
+        return self.data_dir / "tasks"
 
     @property
     def outbox_path(self) -> Path:
@@ -132,7 +140,7 @@ def build_settings(
 
 _FIELDS: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(AgentSettings)}
 _PATHS = {"data_dir", "artifacts_dir", "token_file", "tls_cert", "tls_key", "tls_ca", "state_file"}
-_FLOATS = {"drain_timeout", "kill_grace", "output_grace", "shutdown_grace"}
+_FLOATS = {"drain_timeout", "kill_grace", "output_grace", "shutdown_grace", "heartbeat_interval"}
 _INTS = {"slots", "max_message_bytes", "max_log_line"}
 
 
@@ -231,6 +239,11 @@ def _validate(settings: AgentSettings) -> None:
         raise UsageError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
     if settings.max_message_bytes < 64 * 1024 or settings.max_log_line < 1:
         raise UsageError("invalid message or log line size limit")
+    low, high = HEARTBEAT_RANGE
+    if not low <= settings.heartbeat_interval <= high:
+        raise UsageError(
+            f"invalid heartbeat_interval: must be between {low:g} and {high:g} seconds"
+        )
 
 
 def check_listen_security(settings: AgentSettings) -> None:

@@ -1,60 +1,50 @@
 """The task manager: accepts tasks, runs them in slots, records their events, feeds watchers.
 
 A task runs in its own asyncio task, independent of any RPC: a client that disconnects changes
-nothing. Cancellation, timeouts and shutdown all end in exactly one final TaskResult event.
+nothing. Cancellation, timeouts and shutdown all end in exactly one final TaskResult event. A task
+also outlives the agent itself: a restarted agent re-adopts the processes still alive.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from mle_agent.events import TaskEvents
-from mle_agent.outbox import Outbox, State, state_name
-from mle_agent.runner import TaskProcess, kill_stale_task, task_command, task_environment
+from mle_agent.execution import RESTART_MESSAGE, VANISHED_MESSAGE, Execution, LiveTask
+from mle_agent.heartbeat import MachineSampler
+from mle_agent.outbox import Outbox, ProcessRecord, State, TaskRow, state_name
+from mle_agent.runner import TaskFiles, alive_as, kill_stale_task
 from mle_agent.settings import AgentSettings
 from mle_agent.specs import validate_spec
-from mle_agent.staging import (
-    OutputError,
-    StagingError,
-    collect_outputs,
-    prepare_work_dir,
-    remove_work_dir,
-)
 from mle_proto.errors import AlreadyExists, FailedPrecondition, NotFound
 from mle_proto.store import ArtifactStore
 from mle_proto.v1 import agent_pb2 as pb
 
-__all__ = ["DRAIN_MESSAGE", "RESTART_MESSAGE", "TaskManager"]
+__all__ = [
+    "DRAIN_MESSAGE",
+    "ENDED_MESSAGE",
+    "READOPTED_MESSAGE",
+    "REQUEUED_MESSAGE",
+    "RESTART_MESSAGE",
+    "VANISHED_MESSAGE",
+    "TaskManager",
+]
 
 log = logging.getLogger(__name__)
 
-RESTART_MESSAGE = "agent restarted while the task was running; its process is gone"
 DRAIN_MESSAGE = "agent shut down before the task finished"
+READOPTED_MESSAGE = "re-adopted after agent restart"
+ENDED_MESSAGE = "re-adopted after agent restart; it had ended meanwhile"
+REQUEUED_MESSAGE = "re-queued after agent restart"
 _ACTIVE = (pb.TASK_STATE_STAGING, pb.TASK_STATE_RUNNING)
-
-
-@dataclass(eq=False)
-class _LiveTask:
-    """A task that has no result yet."""
-
-    spec: pb.TaskSpec
-    events: TaskEvents
-    runner: asyncio.Task[None] | None = None
-    process: TaskProcess | None = None
-    stop: tuple[State, str] | None = None  # why it is being stopped, first request wins
-    cancellable: bool = False  # True only while waiting: for a slot, on staging, on the process
-    started: float = 0.0  # monotonic time of RUNNING
 
 
 class TaskManager:
@@ -66,16 +56,22 @@ class TaskManager:
         self.settings = settings
         self.store = store
         self.boot_id = str(uuid.uuid4())
+        self.machine = MachineSampler(settings.data_dir)
         self._outbox = outbox
         self._lock = lock
+        self._execution = Execution(settings, store, outbox)
         self._slots = asyncio.Semaphore(settings.slots)
-        self._live: dict[str, _LiveTask] = {}
-        self._draining = False
+        self._overdraft = 0  # re-adopted tasks running beyond the slots (fewer slots than before)
+        self._live: dict[str, LiveTask] = {}
+        self._draining = asyncio.Event()
         self._drain_listeners: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     def open(cls, settings: AgentSettings) -> TaskManager:
-        """Lock the data dir, open outbox and store, and settle tasks an earlier agent left."""
+        """Lock the data dir, open outbox and store, and settle tasks an earlier agent left.
+
+        Call it from the event loop when an earlier agent may have left tasks: they resume at once.
+        """
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = _lock_data_dir(settings.data_dir)
         try:
@@ -91,7 +87,7 @@ class TaskManager:
     @property
     def draining(self) -> bool:
         """Whether the agent has stopped accepting tasks."""
-        return self._draining
+        return self._draining.is_set()
 
     @property
     def running_count(self) -> int:
@@ -99,22 +95,24 @@ class TaskManager:
         return sum(1 for task in self._live.values() if task.events.state in _ACTIVE)
 
     def recover(self) -> int:
-        """Give every task without a result (left by an earlier agent) a FAILED result."""
+        """Settle every task an earlier agent left without a result; return how many there were.
+
+        A live process is re-adopted, one that ended while no agent watched is concluded from the
+        status and logs it left, a task waiting for a slot or staging is queued again; any other
+        gets a FAILED result. Whatever happens is recorded as an event: nothing is forgotten.
+        """
         rows = self._outbox.unfinished()
+        _sweep(self.settings.task_root, keep={row.task_id for row in rows})
+        adopted = 0
         for row in rows:
-            work_dir = self.settings.work_root / row.task_id
-            kill_stale_task(row.task_id, work_dir, *self._outbox.process_of(row.task_id))
-            now = time.time()
-            result = pb.TaskResult(state=pb.TASK_STATE_FAILED, message=RESTART_MESSAGE)
-            event = pb.TaskEvent(task_id=row.task_id, seq=row.last_seq + 1, time=now, result=result)
-            self._outbox.append(
-                row.task_id, [event], state=pb.TASK_STATE_FAILED, exit_code=0, finished=now
-            )
-            log.warning(
-                "task %s was %s when the agent stopped: marked FAILED",
-                row.task_id,
-                state_name(row.state),
-            )
+            if row.state != pb.TASK_STATE_RUNNING:
+                task = self._revive(row, pb.TASK_STATE_PENDING, REQUEUED_MESSAGE)
+                self._launch(task, self._execute(task))
+            elif self._execution.files(row.task_id).exist():
+                adopted += self._readopt(row)
+            else:  # never spawned, or by an agent from before the shim: nothing to follow
+                self._fail_lost(row)
+        self._reserve_slots(adopted)
         return len(rows)
 
     async def start(self, spec: pb.TaskSpec) -> pb.TaskHandle:
@@ -125,7 +123,7 @@ class TaskManager:
             if row.spec != spec:
                 raise AlreadyExists(f"task {spec.task_id} already exists with a different spec")
             return pb.TaskHandle(task_id=spec.task_id, state=row.state, created=False)
-        if self._draining:
+        if self.draining:
             raise FailedPrecondition("agent is draining")
         for item in spec.inputs:
             if not self.store.has(item.digest):
@@ -179,14 +177,35 @@ class TaskManager:
             raise NotFound(f"task {task_id} is not on this agent")
         return acked
 
+    async def heartbeats(self, interval: float) -> AsyncIterator[pb.AgentHeartbeat]:
+        """One heartbeat at once, then one every interval, until the agent drains."""
+        while True:
+            beat = await self.machine.sample()
+            beat.MergeFrom(
+                pb.AgentHeartbeat(
+                    name=self.settings.name,
+                    boot_id=self.boot_id,
+                    time=time.time(),
+                    slots=self.settings.slots,
+                    running_tasks=self.running_count,
+                    task_ids=sorted(self._live),
+                )
+            )
+            yield beat
+            try:
+                await asyncio.wait_for(self._draining.wait(), interval)
+            except TimeoutError:
+                continue
+            return
+
     def on_drain(self, listener: Callable[[], Awaitable[None]]) -> None:
         """Call listener once when draining starts (e.g. to report NOT_SERVING)."""
         self._drain_listeners.append(listener)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting tasks, let live ones finish up to timeout, then stop the rest."""
-        if not self._draining:
-            self._draining = True
+        if not self.draining:
+            self._draining.set()
             for listener in self._drain_listeners:
                 await listener()
         runners = self._runners()
@@ -200,6 +219,7 @@ class TaskManager:
 
     def close(self) -> None:
         """Close the outbox and release the data dir (after drain)."""
+        self.machine.close()
         self._outbox.close()
         self._lock.close()
 
@@ -213,39 +233,84 @@ class TaskManager:
         )
         self._outbox.insert_task(spec, now, first)
         events = TaskEvents(self._outbox, spec.task_id, 1, pb.TASK_STATE_PENDING)
-        task = _LiveTask(spec=spec, events=events)
+        task = LiveTask(spec=spec, events=events)
         self._live[spec.task_id] = task
-        task.runner = asyncio.create_task(self._run(task), name=f"mle-task {spec.task_id}")
+        self._launch(task, self._execute(task))
         log.info("task %s accepted", spec.task_id)
+
+    def _revive(self, row: TaskRow, state: State | None, message: str) -> LiveTask:
+        """A live task again for an earlier agent's row, with a state event saying why."""
+        events = TaskEvents(self._outbox, row.task_id, row.last_seq, row.state)
+        task = LiveTask(spec=row.spec, events=events)
+        self._live[row.task_id] = task
+        if state is not None:
+            events.set_state(state, message)
+        log.warning("task %s was %s when the agent stopped: %s", *_ids(row), message)
+        return task
+
+    def _readopt(self, row: TaskRow) -> int:
+        """Follow a task whose shim an earlier agent started; 1 when it is still running."""
+        record = self._outbox.process_of(row.task_id)
+        running = alive_as(record.pid, record.started)
+        if running:
+            task = self._revive(row, pb.TASK_STATE_RUNNING, READOPTED_MESSAGE)
+        elif self._execution.files(row.task_id).read_status() is not None:
+            task = self._revive(row, pb.TASK_STATE_RUNNING, ENDED_MESSAGE)
+        else:  # its result says so: RESTART_MESSAGE
+            task = self._revive(row, None, "its process is gone")
+        self._launch(task, self._reattach(task, record, holds_slot=running))
+        return int(running)
+
+    def _fail_lost(self, row: TaskRow) -> None:
+        record = self._outbox.process_of(row.task_id)
+        work_dir = self._execution.work_dir(row.task_id)
+        kill_stale_task(row.task_id, work_dir, record.pid, record.started)
+        events = TaskEvents(self._outbox, row.task_id, row.last_seq, row.state)
+        events.finish(pb.TaskResult(state=pb.TASK_STATE_FAILED, message=RESTART_MESSAGE))
+        log.warning("task %s was %s when the agent stopped: marked FAILED", *_ids(row))
+
+    def _reserve_slots(self, adopted: int) -> None:
+        """Count re-adopted tasks against the slots before anything queued can take one."""
+        self._overdraft = max(0, adopted - self.settings.slots)
+        self._slots = asyncio.Semaphore(max(0, self.settings.slots - adopted))
+
+    def _release_adopted_slot(self) -> None:
+        if self._overdraft:
+            self._overdraft -= 1
+        else:
+            self._slots.release()
+
+    def _launch(self, task: LiveTask, work: Awaitable[pb.TaskResult]) -> None:
+        name = f"mle-task {task.spec.task_id}"
+        task.runner = asyncio.create_task(self._run(task, work), name=name)
 
     def _runners(self) -> set[asyncio.Task[None]]:
         return {task.runner for task in self._live.values() if task.runner is not None}
 
-    def _request_stop(self, task: _LiveTask, state: State, message: str) -> None:
+    def _request_stop(self, task: LiveTask, state: State, message: str) -> None:
         if task.stop is not None:
             return
         task.stop = (state, message)
         if task.cancellable and task.runner is not None:
             task.runner.cancel()
 
-    async def _run(self, task: _LiveTask) -> None:
+    async def _run(self, task: LiveTask, work: Awaitable[pb.TaskResult]) -> None:
         try:
-            if task.stop is None:
-                task.cancellable = True
-                result = await self._execute(task)
-            else:  # stopped before this coroutine got its first turn
-                result = self._result(task, *task.stop)
+            task.cancellable = task.stop is None
+            result = await work  # it always runs: a re-adopted process must be killed when stopped
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
             state, message = task.stop or (pb.TASK_STATE_FAILED, DRAIN_MESSAGE)
-            result = self._result(task, state, message)
+            result = self._execution.result(task, state, message)
         except Exception:
             log.exception("task %s: internal error", task.spec.task_id)
-            result = self._result(task, pb.TASK_STATE_FAILED, "internal error: see agent log")
+            message = "internal error: see agent log"
+            result = self._execution.result(task, pb.TASK_STATE_FAILED, message)
         task.events.finish(result)
         self._live.pop(task.spec.task_id, None)
+        self._execution.files(task.spec.task_id).remove()  # its lines are in the outbox now
         log.info(
             "task %s %s%s",
             task.spec.task_id,
@@ -253,88 +318,37 @@ class TaskManager:
             f": {result.message}" if result.message else "",
         )
 
-    async def _execute(self, task: _LiveTask) -> pb.TaskResult:
+    async def _execute(self, task: LiveTask) -> pb.TaskResult:
+        if task.stop is not None:  # stopped before this coroutine got its first turn
+            return self._execution.result(task, *task.stop)
         async with self._slots:
-            work_dir = self.settings.work_root / task.spec.task_id
-            task.events.set_state(pb.TASK_STATE_STAGING)
-            try:
-                await asyncio.to_thread(prepare_work_dir, work_dir, task.spec.inputs, self.store)
-            except StagingError as exc:
-                return self._result(task, pb.TASK_STATE_FAILED, str(exc))
-            task.events.set_state(pb.TASK_STATE_RUNNING)
-            task.started = time.monotonic()
-            argv = task_command(task.spec)
-            task.cancellable = False  # a cancelled spawn could leave an untracked process
-            try:
-                process = await self._spawn(task, argv, work_dir)
-            except OSError as exc:
-                message = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
-                return self._result(task, pb.TASK_STATE_FAILED, message)
-            timed_out = await self._supervise(task, process)
-            if task.stop is not None:  # asked to stop while it could not be interrupted
-                return self._result(task, *task.stop)
-            return await self._conclude(task, process, work_dir, timed_out)
+            return await self._execution.execute(task)
 
-    async def _spawn(self, task: _LiveTask, argv: list[str], work_dir: Path) -> TaskProcess:
-        process = await TaskProcess.spawn(
-            argv,
-            cwd=work_dir,
-            env=task_environment(os.environ, task.spec, work_dir),
-            sink=task.events.log,
-            max_line=self.settings.max_log_line,
-        )
-        task.process = process
-        self._outbox.set_process(task.spec.task_id, process.pid, process.started)
-        return process
-
-    async def _supervise(self, task: _LiveTask, process: TaskProcess) -> bool:
-        """Wait for the process (or its timeout); always leave nothing of it behind."""
-        timeout = task.spec.timeout_seconds or None
-        try:
-            if task.stop is None:
-                task.cancellable = True
-                await process.wait(timeout)
-        except TimeoutError:
-            return True
-        finally:
-            task.cancellable = False
-            await process.close(self.settings.kill_grace, self.settings.output_grace)
-        return False
-
-    async def _conclude(
-        self, task: _LiveTask, process: TaskProcess, work_dir: Path, timed_out: bool
+    async def _reattach(
+        self, task: LiveTask, record: ProcessRecord, *, holds_slot: bool
     ) -> pb.TaskResult:
-        if timed_out:
-            message = f"timed out after {task.spec.timeout_seconds:g}s"
-            return self._result(task, pb.TASK_STATE_TIMED_OUT, message)
-        code = process.returncode or 0
-        if code != 0:
-            return self._result(task, pb.TASK_STATE_FAILED, _exit_message(code))
         try:
-            outputs = await asyncio.to_thread(
-                collect_outputs, work_dir, task.spec.outputs, self.store
-            )
-        except OutputError as exc:
-            return self._result(task, pb.TASK_STATE_FAILED, str(exc))
-        await asyncio.to_thread(remove_work_dir, work_dir)
-        result = self._result(task, pb.TASK_STATE_SUCCEEDED, "")
-        result.outputs.extend(outputs)
-        return result
-
-    def _result(self, task: _LiveTask, state: State, message: str) -> pb.TaskResult:
-        code = task.process.returncode if task.process is not None else None
-        duration = time.monotonic() - task.started if task.started else 0.0
-        return pb.TaskResult(
-            state=state, exit_code=code or 0, message=message, duration_seconds=duration
-        )
+            return await self._execution.reattach(task, record)
+        finally:
+            if holds_slot:
+                self._release_adopted_slot()
 
 
-def _exit_message(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by signal {signal.Signals(-code).name}"
-        return f"killed by signal {-code}"
-    return f"exit code {code}"
+def _ids(row: TaskRow) -> tuple[str, str]:
+    return row.task_id, state_name(row.state)
+
+
+def _sweep(task_root: Path, keep: set[str]) -> None:
+    """Remove the control files of tasks that have their result (an agent died before it could)."""
+    if not task_root.is_dir():
+        return
+    for entry in task_root.iterdir():
+        task_id, suffix = os.path.splitext(entry.name)
+        if suffix in TaskFiles.SUFFIXES and task_id not in keep:
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", entry, exc)
 
 
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:

@@ -15,7 +15,7 @@ from tests.conftest import Project
 STEP = (
     "name: steady\nsteps:\n  work:\n"
     "    run: >-\n"
-    "      i=0; while [ $i -lt 30 ]; do echo \"tick $i\"; i=$((i+1)); sleep 0.1; done;\n"
+    '      i=0; while [ $i -lt 30 ]; do echo "tick $i"; i=$((i+1)); sleep 0.1; done;\n'
     "      echo done > out.txt\n"
     "    outputs: [out.txt]\n"
     "    retries: {max: 1, backoff: 0s}\n"
@@ -69,7 +69,9 @@ def test_an_agent_restarted_within_the_grace_period_keeps_the_attempt(project: P
     assert code == 0, stderr
     [attempt] = _rows(project, "SELECT * FROM attempts")
     assert attempt["status"] == "succeeded" and not attempt["fenced"]
-    lines = [r["text"] for r in _rows(project, "SELECT text FROM events WHERE kind = 'log' ORDER BY seq")]
+    lines = [
+        r["text"] for r in _rows(project, "SELECT text FROM events WHERE kind = 'log' ORDER BY seq")
+    ]
     assert lines == [f"tick {i}" for i in range(30)]
     seqs = [r["seq"] for r in _rows(project, "SELECT seq FROM events ORDER BY seq")]
     assert seqs == list(range(1, len(seqs) + 1))
@@ -95,7 +97,9 @@ def test_an_agent_gone_past_the_grace_period_loses_the_attempt_and_the_step_retr
     assert step["status"] == "succeeded" and step["attempts"] == 2
     seqs = [
         r["seq"]
-        for r in _rows(project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", second["task_id"])
+        for r in _rows(
+            project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", second["task_id"]
+        )
     ]
     assert seqs == list(range(1, len(seqs) + 1))
     assert "lost" in stderr and "retry" in stderr

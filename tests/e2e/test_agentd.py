@@ -11,17 +11,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from mle_agent.tasks import DRAIN_MESSAGE, RESTART_MESSAGE
+from mle_agent.tasks import DRAIN_MESSAGE, READOPTED_MESSAGE
 from mle_proto.v1 import agent_pb2 as pb
-from mle_proto.v1 import agent_pb2_grpc as pb_grpc
 from tests.agent_helpers import (
+    Client,
     daemon,
+    kill_task_processes,
     leak_check,
     pid_dead,
     run_daemon,
@@ -35,45 +35,6 @@ TOKEN = "e2e-token-0123456789"
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     yield from leak_check()
-
-
-class Client:
-    """A blocking client for one agent address."""
-
-    def __init__(self, address: str, token: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.agent = pb_grpc.AgentStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def close(self) -> None:
-        """Close the channel."""
-        self.channel.close()
-
-    def start(self, task_id: str, shell: str, **spec: Any) -> pb.TaskHandle:
-        """StartTask."""
-        request = pb.TaskSpec(task_id=task_id, shell=shell, **spec)
-        return self.agent.StartTask(request, metadata=self.metadata, timeout=20)
-
-    def events(self, task_id: str, after_seq: int = 0) -> list[pb.TaskEvent]:
-        """Watch a task to its end."""
-        request = pb.WatchTaskRequest(task_id=task_id, after_seq=after_seq)
-        return list(self.agent.WatchTask(request, metadata=self.metadata, timeout=60))
-
-    def wait_running(self, task_id: str) -> None:
-        """Watch until RUNNING."""
-        request = pb.WatchTaskRequest(task_id=task_id)
-        stream = self.agent.WatchTask(request, metadata=self.metadata, timeout=60)
-        for event in stream:
-            if event.HasField("state") and event.state.state == pb.TASK_STATE_RUNNING:
-                stream.cancel()
-                return
-        raise AssertionError(f"{task_id} never ran")
-
-    def health_status(self) -> int:
-        """grpc.health.v1 overall status."""
-        request = health_pb2.HealthCheckRequest()
-        return int(self.health.Check(request, metadata=self.metadata, timeout=10).status)
 
 
 def _wait_for_file(path: Path, timeout: float = 30.0) -> str:
@@ -186,44 +147,57 @@ def test_drain_timeout_stops_tasks_and_a_restart_still_shows_them(tmp_path: Path
     assert (result.state, result.message) == (pb.TASK_STATE_FAILED, DRAIN_MESSAGE)
 
 
-def test_an_agent_killed_mid_task_reports_the_task_failed_after_restart(tmp_path: Path) -> None:
+def test_an_agent_killed_mid_task_re_adopts_it_after_restart(tmp_path: Path) -> None:
     pid_file, escaped_file = tmp_path / "pid", tmp_path / "escaped"
     script = (
         f"echo before; sleep 300 & echo $! > {pid_file}; "
         f"setsid sh -c 'echo $$ > {escaped_file}; exec sleep 300' & wait"
     )
-    with daemon(tmp_path, "--listen", "127.0.0.1:0") as agentd:
-        client = Client(agentd.wait_ready()["address"])
-        try:
-            client.start("r.crash.1", script)
-            _wait_for_file(pid_file)
-            _wait_for_file(escaped_file)
-            request = pb.WatchTaskRequest(task_id="r.crash.1")
-            watch = client.agent.WatchTask(request, timeout=60)
-            assert next(e for e in watch if e.HasField("log")).log.text == "before"
-            watch.cancel()  # what was sent is committed: it must survive the crash
-        finally:
-            client.close()
-        agentd.signal(signal.SIGKILL)
-        agentd.wait()
-    orphans = [int(pid_file.read_text()), int(escaped_file.read_text())]
     try:
-        with daemon(tmp_path, "--listen", "127.0.0.1:0") as again:
+        with daemon(tmp_path, "--listen", "127.0.0.1:0") as agentd:
+            client = Client(agentd.wait_ready()["address"])
+            try:
+                client.start("r.crash.1", script)
+                _wait_for_file(pid_file)
+                _wait_for_file(escaped_file)
+                seen = client.events_until("r.crash.1", lambda seen: seen[-1].HasField("log"))
+                assert seen[-1].log.text == "before"  # what was sent is committed
+            finally:
+                client.close()
+            agentd.signal(signal.SIGKILL)
+            agentd.wait()
+        pids = [int(pid_file.read_text()), int(escaped_file.read_text())]
+        assert not any(pid_dead(pid, timeout=0.2) for pid in pids)  # the task lives on
+        with daemon(tmp_path, "--listen", "127.0.0.1:0", "--drain-timeout", "0.3") as again:
             client = Client(again.wait_ready()["address"])
+            try:
+                resumed = client.events_until(
+                    "r.crash.1", lambda seen: seen[-1].HasField("state"), seen[-1].seq
+                )
+            finally:
+                client.close()
+            assert "r.crash.1 was RUNNING when the agent stopped" in again.stderr()
+            again.signal(signal.SIGTERM)  # drains: the re-adopted tree is killed, escapee too
+            assert again.wait() == 0
+        assert (resumed[0].seq, resumed[0].state.message) == (
+            seen[-1].seq + 1,
+            READOPTED_MESSAGE,
+        )
+        assert all(pid_dead(pid) for pid in pids)
+        with daemon(tmp_path, "--listen", "127.0.0.1:0") as third:
+            client = Client(third.wait_ready()["address"])
             try:
                 events = client.events("r.crash.1")
             finally:
                 client.close()
-            assert "r.crash.1 was RUNNING when the agent stopped" in again.stderr()
         assert _lines(events) == ["before"]
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         assert (events[-1].result.state, events[-1].result.message) == (
             pb.TASK_STATE_FAILED,
-            RESTART_MESSAGE,
+            DRAIN_MESSAGE,
         )
-        assert all(pid_dead(pid) for pid in orphans)  # the restarted agent killed what was left
     finally:
-        subprocess.run(["kill", "-9", *map(str, orphans)], check=False, capture_output=True)
+        kill_task_processes(tmp_path)
 
 
 def test_a_public_address_without_tls_is_refused_before_binding(tmp_path: Path) -> None:
@@ -327,6 +301,9 @@ def test_the_agent_never_imports_operator_side_packages() -> None:
         "mle_agent.facts",
         "mle_agent.settings",
         "mle_agent.staging",
+        "mle_agent.execution",
+        "mle_agent.heartbeat",
+        "mle_agent.logs",
     ]
     code = f"import sys, json; import {', '.join(modules)}; print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run(

@@ -98,7 +98,9 @@ def test_matrix_metrics_select_and_an_automatic_gate(project: Project) -> None:
     }
     assert metrics[("train[k=4]", "score")] == 7.0
     assert metrics[("pick", "score")] == 7.0
-    [picked] = _rows(project, "SELECT text FROM metrics WHERE step_id = 'pick' AND name = 'selected'")
+    [picked] = _rows(
+        project, "SELECT text FROM metrics WHERE step_id = 'pick' AND name = 'selected'"
+    )
     assert picked["text"] == '"train[k=4]"'
     [pick] = _rows(project, "SELECT message FROM steps WHERE step_id = 'pick'")
     assert pick["message"] == "picked train[k=4] (score=7)"
@@ -108,7 +110,11 @@ def test_matrix_metrics_select_and_an_automatic_gate(project: Project) -> None:
     )
     assert shipped == chosen
     [approval] = _rows(project, "SELECT * FROM approvals")
-    assert (approval["step_id"], approval["decision"], approval["who"]) == ("gate", "approved", "auto")
+    assert (approval["step_id"], approval["decision"], approval["who"]) == (
+        "gate",
+        "approved",
+        "auto",
+    )
 
 
 def test_a_false_when_skips_the_gate_and_its_dependants_and_the_run_succeeds(
@@ -188,7 +194,10 @@ def test_unknown_gate_and_not_a_gate_are_clear_errors(project: Project) -> None:
     run_id = _rows(project, "SELECT id FROM runs")[0]["id"]
     proc = project.mle("approve", run_id, "gaet")
     assert proc.returncode == 4
-    assert proc.stderr.strip() == f"error: run {run_id} has no step 'gaet'; `mle show {run_id}` lists them"
+    assert (
+        proc.stderr.strip()
+        == f"error: run {run_id} has no step 'gaet'; `mle show {run_id}` lists them"
+    )
     proc = project.mle("approve", run_id, "ship")
     assert proc.returncode == 8
     assert proc.stderr.strip() == f"error: step ship of run {run_id} is not an approval gate"
@@ -218,7 +227,10 @@ def test_a_second_run_is_served_from_the_cache_and_plan_says_why(project: Projec
         second_id,
     )
     assert row["cached_from"] == f"{first_id}/prepare"
-    assert _rows(project, "SELECT count(*) AS n FROM attempts WHERE run_id = ?", second_id)[0]["n"] == 0
+    assert (
+        _rows(project, "SELECT count(*) AS n FROM attempts WHERE run_id = ?", second_id)[0]["n"]
+        == 0
+    )
     # A changed shipped file misses for every step that ships it, and plan names the file.
     (project.root / "score.sh").write_text(SCORE + "echo changed\n")
     plan = project.mle("plan", "sweep.yaml", "-p", "auto=true", "--json", check=True)

@@ -31,12 +31,24 @@ def test_each_layer_overrides_the_one_below(tmp_path: Path) -> None:
     assert settings.kill_grace == AgentSettings().kill_grace  # default
 
 
+def test_heartbeat_interval_comes_from_every_layer(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("heartbeat_interval = 2.5\n")
+    assert AgentSettings().heartbeat_interval == 1.0
+    assert build_settings(_flags(), {}, config).heartbeat_interval == 2.5
+    env = {"MLE_AGENT_HEARTBEAT_INTERVAL": "0.25"}
+    assert build_settings(_flags(), env, config).heartbeat_interval == 0.25
+    flags = _flags("--heartbeat-interval", "0.05")
+    assert build_settings(flags, env, config).heartbeat_interval == 0.05
+
+
 def test_paths_and_derived_locations(tmp_path: Path) -> None:
     flags = _flags("--data-dir", str(tmp_path / "d"), "--labels", "a=1, b=two", "--insecure")
     settings = build_settings(flags, {}, _empty(tmp_path))
     assert settings.outbox_path == tmp_path / "d" / "agent.db"
     assert settings.artifacts_root == tmp_path / "d" / "artifacts"
     assert settings.work_root == tmp_path / "d" / "work"
+    assert settings.task_root == tmp_path / "d" / "tasks"
     assert dict(settings.labels) == {"a": "1", "b": "two"}
     assert settings.insecure is True
     shared = build_settings(
@@ -62,6 +74,9 @@ def _empty(tmp_path: Path) -> Path:
         ("", {}, ["--labels", "novalue"], "label 'novalue' is not key=value"),
         ("", {}, ["--listen", "7443"], "invalid listen address '7443'"),
         ("", {}, ["--tls-cert", "c.pem"], "mutual TLS needs all three"),
+        ("", {}, ["--heartbeat-interval", "0.01"], "invalid heartbeat_interval: must be between"),
+        ("heartbeat_interval = 61\n", {}, [], "invalid heartbeat_interval"),
+        ("", {"MLE_AGENT_HEARTBEAT_INTERVAL": "nan"}, [], "invalid heartbeat_interval"),
     ],
 )
 def test_bad_settings_are_usage_errors(
