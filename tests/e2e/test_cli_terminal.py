@@ -82,3 +82,27 @@ def test_ctrl_c_on_a_terminal_can_cancel(project: Project) -> None:
     assert child.exitstatus == 10
     assert "was cancelled" in child.before
     assert _status(project, "SELECT status FROM attempts") == [("cancelled",)]
+
+
+def test_an_approval_gate_asks_on_a_terminal_and_records_the_answer(project: Project) -> None:
+    (project.root / "gate.yaml").write_text(
+        "name: gated\nsteps:\n"
+        "  build:\n    run: echo built > model.txt\n    outputs: [model.txt]\n"
+        "  approve:\n    needs: [build]\n    uses: mle/approve\n"
+        '    with: {message: "ship the model?"}\n'
+        "  ship:\n    needs: [approve]\n    run: cat model.txt\n"
+    )
+    child = _spawn(project, "run", "gate.yaml")
+    try:
+        child.expect(r"waits at approve: ship the model\?")
+        child.expect(r"Approve\? \[y\]es, \[n\]o")
+        child.sendline("y")
+        child.expect("Reason")
+        child.sendline("looks good")
+        child.expect(r"3/3 steps succeeded")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    [(decision, reason)] = _status(project, "SELECT decision, reason FROM approvals")
+    assert (decision, reason) == ("approved", "looks good")

@@ -90,6 +90,7 @@ class AgentConnection:
         self._slots = asyncio.Semaphore(1)
         self.platform = "unknown"
         self.boot_id = ""
+        self._present: set[str] = set()  # digests the agent is known to hold
         self._last_seen = time.monotonic()
         self._heartbeats: asyncio.Task[None] | None = None
 
@@ -111,6 +112,8 @@ class AgentConnection:
             try:
                 async for beat in call:
                     self._last_seen = time.monotonic()
+                    if beat.boot_id != self.boot_id:  # restarted: its store may have changed
+                        self._present.clear()
                     self.boot_id = beat.boot_id
             except grpc.RpcError as e:
                 log.debug("heartbeats from %s broke: %s", self.name, e.code())
@@ -179,10 +182,13 @@ class AgentConnection:
         return [a.digest for a in reply.artifacts if not a.present]
 
     async def ship(self, digests: Iterable[str], store: ArtifactStore) -> None:
-        """Upload the artifacts the agent lacks (dedup by digest)."""
-        for digest in await self.missing(digests):
+        """Upload the artifacts the agent lacks (dedup by digest). Digests the agent already
+        confirmed are not asked about again until it restarts (a new boot id)."""
+        wanted = [d for d in set(digests) if d not in self._present]
+        for digest in await self.missing(wanted):
             size = store.size(digest) or 0
             await self._call(lambda d=digest, s=size: self._put(d, s, store))  # type: ignore[misc]
+        self._present.update(wanted)
 
     async def fetch(self, digests: Iterable[str], store: ArtifactStore) -> None:
         """Download artifacts the local store lacks."""
