@@ -6,11 +6,14 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -76,6 +79,27 @@ class Project:
     @property
     def ledger(self) -> Path:
         return self.root / ".mle" / "ledger.db"
+
+    def rows(self, sql: str, *args: object) -> list[dict[str, Any]]:
+        """Query the project's ledger, as a user with sqlite3 would."""
+        conn = sqlite3.connect(self.ledger)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(sql, args)]
+        finally:
+            conn.close()
+
+    def wait_until(self, sql: str, *args: object, timeout: float = 60) -> None:
+        """Poll the ledger until the query returns a row (it may not exist yet)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.ledger.exists() and self.rows(sql, *args):
+                    return
+            except sqlite3.OperationalError:  # the ledger is being created
+                pass
+            time.sleep(0.02)
+        raise AssertionError(f"never true within {timeout:g}s: {sql}")
 
     def local_agent_pid(self) -> int | None:
         """The pid in the local agent's state file, if any."""

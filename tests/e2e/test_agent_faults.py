@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
-from typing import Any
 
 from tests.conftest import Project
 
@@ -20,29 +18,6 @@ STEP = (
     "    outputs: [out.txt]\n"
     "    retries: {max: 1, backoff: 0s}\n"
 )
-
-
-def _rows(project: Project, sql: str, *args: object) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(project.ledger)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
-
-
-def _wait_for_log(project: Project, text: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if project.ledger.exists() and _rows(
-                project, "SELECT 1 FROM events WHERE kind = 'log' AND text = ?", text
-            ):
-                return
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.02)
-    raise AssertionError(f"never logged {text!r}")
 
 
 def _kill_local_agent(project: Project) -> None:
@@ -62,20 +37,20 @@ def test_an_agent_restarted_within_the_grace_period_keeps_the_attempt(project: P
     (project.root / "steady.yaml").write_text(STEP)
     project.env.update(MLE_AGENT_GRACE="20", MLE_HEARTBEAT_INTERVAL="0.2")
     runner = project.spawn("run", "steady.yaml")
-    _wait_for_log(project, "tick 3")
+    project.wait_until("SELECT 1 FROM events WHERE kind = 'log' AND text = 'tick 3'")
     _kill_local_agent(project)
     project.mle("agent", "start", "--local", check=True)
     code, _, stderr = project.finish(runner)
     assert code == 0, stderr
-    [attempt] = _rows(project, "SELECT * FROM attempts")
+    [attempt] = project.rows("SELECT * FROM attempts")
     assert attempt["status"] == "succeeded" and not attempt["fenced"]
     lines = [
-        r["text"] for r in _rows(project, "SELECT text FROM events WHERE kind = 'log' ORDER BY seq")
+        r["text"] for r in project.rows("SELECT text FROM events WHERE kind = 'log' ORDER BY seq")
     ]
     assert lines == [f"tick {i}" for i in range(30)]
-    seqs = [r["seq"] for r in _rows(project, "SELECT seq FROM events ORDER BY seq")]
+    seqs = [r["seq"] for r in project.rows("SELECT seq FROM events ORDER BY seq")]
     assert seqs == list(range(1, len(seqs) + 1))
-    states = [r["text"] for r in _rows(project, "SELECT text FROM events WHERE kind = 'state'")]
+    states = [r["text"] for r in project.rows("SELECT text FROM events WHERE kind = 'state'")]
     assert any("re-adopted" in s for s in states), states
 
 
@@ -85,20 +60,20 @@ def test_an_agent_gone_past_the_grace_period_loses_the_attempt_and_the_step_retr
     (project.root / "steady.yaml").write_text(STEP)
     project.env.update(MLE_AGENT_GRACE="1.5", MLE_HEARTBEAT_INTERVAL="0.2")
     runner = project.spawn("run", "steady.yaml")
-    _wait_for_log(project, "tick 3")
+    project.wait_until("SELECT 1 FROM events WHERE kind = 'log' AND text = 'tick 3'")
     _kill_local_agent(project)
     code, _, stderr = project.finish(runner, timeout=120)
     assert code == 0, stderr
-    first, second = _rows(project, "SELECT * FROM attempts ORDER BY attempt")
+    first, second = project.rows("SELECT * FROM attempts ORDER BY attempt")
     assert first["status"] == "lost" and first["fenced"] == 1
     assert first["message"].startswith("agent local silent for 1.5s")
     assert second["status"] == "succeeded"
-    [step] = _rows(project, "SELECT * FROM steps")
+    [step] = project.rows("SELECT * FROM steps")
     assert step["status"] == "succeeded" and step["attempts"] == 2
     seqs = [
         r["seq"]
-        for r in _rows(
-            project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", second["task_id"]
+        for r in project.rows(
+            "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", second["task_id"]
         )
     ]
     assert seqs == list(range(1, len(seqs) + 1))

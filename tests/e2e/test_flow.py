@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
-import time
-from typing import Any
 
 from tests.conftest import Project
 
@@ -46,37 +43,16 @@ echo "{\\"score\\": $((base + $1)), \\"k\\": $1}" > "$MLE_METRICS"
 """
 
 
-def _rows(project: Project, sql: str, *args: object) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(project.ledger)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
-
-
 def _steps(project: Project, run_id: str | None = None) -> dict[str, str]:
     if run_id is None:
-        run_id = _rows(project, "SELECT id FROM runs ORDER BY created DESC LIMIT 1")[0]["id"]
-    rows = _rows(project, "SELECT step_id, status FROM steps WHERE run_id = ?", run_id)
+        run_id = project.rows("SELECT id FROM runs ORDER BY created DESC LIMIT 1")[0]["id"]
+    rows = project.rows("SELECT step_id, status FROM steps WHERE run_id = ?", run_id)
     return {r["step_id"]: r["status"] for r in rows}
 
 
 def _write(project: Project, recipe: str = SWEEP) -> None:
     (project.root / "sweep.yaml").write_text(recipe)
     (project.root / "score.sh").write_text(SCORE)
-
-
-def _wait_for(project: Project, sql: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if project.ledger.exists() and _rows(project, sql):
-                return
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"never true: {sql}")
 
 
 def test_matrix_metrics_select_and_an_automatic_gate(project: Project) -> None:
@@ -94,22 +70,20 @@ def test_matrix_metrics_select_and_an_automatic_gate(project: Project) -> None:
     }
     metrics = {
         (r["step_id"], r["name"]): r["value"]
-        for r in _rows(project, "SELECT * FROM metrics WHERE value IS NOT NULL")
+        for r in project.rows("SELECT * FROM metrics WHERE value IS NOT NULL")
     }
     assert metrics[("train[k=4]", "score")] == 7.0
     assert metrics[("pick", "score")] == 7.0
-    [picked] = _rows(
-        project, "SELECT text FROM metrics WHERE step_id = 'pick' AND name = 'selected'"
-    )
+    [picked] = project.rows("SELECT text FROM metrics WHERE step_id = 'pick' AND name = 'selected'")
     assert picked["text"] == '"train[k=4]"'
-    [pick] = _rows(project, "SELECT message FROM steps WHERE step_id = 'pick'")
+    [pick] = project.rows("SELECT message FROM steps WHERE step_id = 'pick'")
     assert pick["message"] == "picked train[k=4] (score=7)"
     shipped, chosen = (
-        _rows(project, "SELECT digest FROM artifacts WHERE step_id = ? AND path = ?", s, p)[0]
+        project.rows("SELECT digest FROM artifacts WHERE step_id = ? AND path = ?", s, p)[0]
         for s, p in (("pick", "model.txt"), ("train[k=4]", "model.txt"))
     )
     assert shipped == chosen
-    [approval] = _rows(project, "SELECT * FROM approvals")
+    [approval] = project.rows("SELECT * FROM approvals")
     assert (approval["step_id"], approval["decision"], approval["who"]) == (
         "gate",
         "approved",
@@ -125,17 +99,17 @@ def test_a_false_when_skips_the_gate_and_its_dependants_and_the_run_succeeds(
     assert proc.returncode == 0, proc.stderr
     steps = _steps(project)
     assert steps["gate"] == "skipped" and steps["ship"] == "skipped"
-    [gate] = _rows(project, "SELECT message FROM steps WHERE step_id = 'gate'")
+    [gate] = project.rows("SELECT message FROM steps WHERE step_id = 'gate'")
     assert gate["message"] == "when: steps.pick.metrics.score >= params.min_score is false"
-    [run] = _rows(project, "SELECT status FROM runs")
+    [run] = project.rows("SELECT status FROM runs")
     assert run["status"] == "succeeded"
 
 
 def test_a_run_waits_at_the_gate_until_approved_from_another_terminal(project: Project) -> None:
     _write(project)
     runner = project.spawn("run", "sweep.yaml")
-    _wait_for(project, "SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
-    run_id = _rows(project, "SELECT id FROM runs")[0]["id"]
+    project.wait_until("SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
+    run_id = project.rows("SELECT id FROM runs")[0]["id"]
     assert _steps(project)["ship"] == "pending"
     approved = project.mle("approve", run_id, "gate", "--reason", "scores look fine")
     assert approved.returncode == 0, approved.stderr
@@ -143,7 +117,7 @@ def test_a_run_waits_at_the_gate_until_approved_from_another_terminal(project: P
     code, _, stderr = project.finish(runner)
     assert code == 0, stderr
     assert _steps(project)["ship"] == "succeeded"
-    [approval] = _rows(project, "SELECT * FROM approvals")
+    [approval] = project.rows("SELECT * FROM approvals")
     assert approval["decision"] == "approved" and approval["reason"] == "scores look fine"
     assert "@" in approval["who"]
     again = project.mle("approve", run_id, "gate")
@@ -154,14 +128,15 @@ def test_a_run_waits_at_the_gate_until_approved_from_another_terminal(project: P
 def test_a_rejected_gate_fails_the_run_with_who_and_why(project: Project) -> None:
     _write(project)
     runner = project.spawn("run", "sweep.yaml")
-    _wait_for(project, "SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
-    run_id = _rows(project, "SELECT id FROM runs")[0]["id"]
+    project.wait_until("SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
+    run_id = project.rows("SELECT id FROM runs")[0]["id"]
     rejected = project.mle("approve", run_id, "gate", "--reject", "--reason", "too slow")
     assert rejected.returncode == 0, rejected.stderr
     code, _, stderr = project.finish(runner)
     assert code == 10
-    assert "step gate failed" in stderr or "gate" in stderr
-    [gate] = _rows(project, "SELECT status, message FROM steps WHERE step_id = 'gate'")
+    assert f"error: run {run_id} failed: step gate failed on local: rejected by " in stderr
+    assert stderr.rstrip().splitlines()[-2].endswith(": too slow")
+    [gate] = project.rows("SELECT status, message FROM steps WHERE step_id = 'gate'")
     assert gate["status"] == "failed"
     assert gate["message"].startswith("rejected by ") and gate["message"].endswith(": too slow")
     assert _steps(project)["ship"] == "skipped"
@@ -170,15 +145,15 @@ def test_a_rejected_gate_fails_the_run_with_who_and_why(project: Project) -> Non
 def test_a_gate_outlives_the_cli_approve_then_resume(project: Project) -> None:
     _write(project)
     runner = project.spawn("run", "sweep.yaml")
-    _wait_for(project, "SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
+    project.wait_until("SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
     runner.send_signal(signal.SIGKILL)
     project.finish(runner)
-    run_id = _rows(project, "SELECT id FROM runs")[0]["id"]
+    run_id = project.rows("SELECT id FROM runs")[0]["id"]
     project.mle("approve", run_id, "gate", check=True)
     resumed = project.mle("resume", run_id)
     assert resumed.returncode == 0, resumed.stderr
     assert _steps(project)["ship"] == "succeeded"
-    attempts = _rows(project, "SELECT step_id, count(*) AS n FROM attempts GROUP BY step_id")
+    attempts = project.rows("SELECT step_id, count(*) AS n FROM attempts GROUP BY step_id")
     assert {r["step_id"]: r["n"] for r in attempts} == {
         "prepare": 1,
         "train[k=1]": 1,
@@ -191,7 +166,7 @@ def test_a_gate_outlives_the_cli_approve_then_resume(project: Project) -> None:
 def test_unknown_gate_and_not_a_gate_are_clear_errors(project: Project) -> None:
     _write(project)
     project.mle("run", "sweep.yaml", "-p", "auto=true", check=True)
-    run_id = _rows(project, "SELECT id FROM runs")[0]["id"]
+    run_id = project.rows("SELECT id FROM runs")[0]["id"]
     proc = project.mle("approve", run_id, "gaet")
     assert proc.returncode == 4
     assert (
@@ -218,18 +193,14 @@ def test_a_second_run_is_served_from_the_cache_and_plan_says_why(project: Projec
     steps = _steps(project)
     assert steps["prepare"] == "cached" and steps["train[k=1]"] == "cached"
     assert steps["ship"] == "cached"
-    [first_id, second_id] = [
-        r["id"] for r in _rows(project, "SELECT id FROM runs ORDER BY created")
-    ]
-    [row] = _rows(
-        project,
+    [first_id, second_id] = [r["id"] for r in project.rows("SELECT id FROM runs ORDER BY created")]
+    [row] = project.rows(
         "SELECT cached_from FROM steps WHERE run_id = ? AND step_id = 'prepare'",
         second_id,
     )
     assert row["cached_from"] == f"{first_id}/prepare"
     assert (
-        _rows(project, "SELECT count(*) AS n FROM attempts WHERE run_id = ?", second_id)[0]["n"]
-        == 0
+        project.rows("SELECT count(*) AS n FROM attempts WHERE run_id = ?", second_id)[0]["n"] == 0
     )
     # A changed shipped file misses for every step that ships it, and plan names the file.
     (project.root / "score.sh").write_text(SCORE + "echo changed\n")

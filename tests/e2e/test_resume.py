@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -44,15 +42,6 @@ steps:
 """
 
 
-def _rows(project: Project, sql: str, *args: object) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(project.ledger)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql, args))
-    finally:
-        conn.close()
-
-
 def _setup(project: Project) -> Path:
     """The recipe, and the trail file its steps append to (outside their work dirs)."""
     trail = project.root / "trail.log"
@@ -60,54 +49,39 @@ def _setup(project: Project) -> Path:
     return trail
 
 
-def _wait_until(project: Project, sql: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if project.ledger.exists() and _rows(project, sql):
-                return
-        except sqlite3.OperationalError:  # the ledger is being created
-            pass
-        time.sleep(0.02)
-    raise AssertionError(f"never true: {sql}")
-
-
 def _run_id(project: Project) -> str:
-    [row] = _rows(project, "SELECT id FROM runs")
+    [row] = project.rows("SELECT id FROM runs")
     return str(row["id"])
 
 
 def _assert_converged(project: Project, trail: Path) -> None:
     """The run succeeded, every step ran exactly once, every attempt's events have no gap."""
-    [run] = _rows(project, "SELECT * FROM runs")
+    [run] = project.rows("SELECT * FROM runs")
     assert run["status"] == "succeeded", run["message"]
-    steps = {r["step_id"]: r["status"] for r in _rows(project, "SELECT * FROM steps")}
+    steps = {r["step_id"]: r["status"] for r in project.rows("SELECT * FROM steps")}
     assert steps == dict.fromkeys("abcd", "succeeded")
     executions = Counter(trail.read_text().split())
     assert executions == Counter("abcd"), executions
-    for attempt in _rows(project, "SELECT * FROM attempts"):
+    for attempt in project.rows("SELECT * FROM attempts"):
         assert attempt["status"] == "succeeded"
         seqs = [
             r["seq"]
-            for r in _rows(
-                project, "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", attempt["task_id"]
+            for r in project.rows(
+                "SELECT seq FROM events WHERE task_id = ? ORDER BY seq", attempt["task_id"]
             )
         ]
         assert seqs == list(range(1, len(seqs) + 1)), attempt["task_id"]
-        kinds = _rows(
-            project,
+        kinds = project.rows(
             "SELECT kind FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT 1",
             attempt["task_id"],
         )
         assert kinds[0]["kind"] == "result"
         assert attempt["last_seq"] == seqs[-1]
-    logs = _rows(
-        project, "SELECT text FROM events WHERE step_id = 'b' AND kind = 'log' ORDER BY seq"
-    )
+    logs = project.rows("SELECT text FROM events WHERE step_id = 'b' AND kind = 'log' ORDER BY seq")
     assert [r["text"] for r in logs] == [f"b line {i}" for i in range(40)]
-    [check] = _rows(project, "PRAGMA integrity_check")
-    assert check[0] == "ok"
-    d = _rows(project, "SELECT digest FROM artifacts WHERE step_id = 'd'")
+    [check] = project.rows("PRAGMA integrity_check")
+    assert check["integrity_check"] == "ok"
+    d = project.rows("SELECT digest FROM artifacts WHERE step_id = 'd'")
     assert len(d) == 1
 
 
@@ -119,7 +93,7 @@ def test_resume_after_the_cli_is_killed_at_each_point(project: Project, point: s
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     del project.env["MLE_FAULT"]
     run_id = _run_id(project)
-    [run] = _rows(project, "SELECT status FROM runs")
+    [run] = project.rows("SELECT status FROM runs")
     assert run["status"] in ("pending", "running")
     resumed = project.mle("resume", run_id)
     assert resumed.returncode == 0, resumed.stderr
@@ -130,15 +104,7 @@ def test_resume_after_the_cli_is_killed_at_each_point(project: Project, point: s
 def test_resume_re_attaches_to_a_task_that_kept_running(project: Project) -> None:
     trail = _setup(project)
     runner = project.spawn("run", "r.yaml")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if project.ledger.exists():
-            try:
-                if _rows(project, "SELECT 1 FROM events WHERE step_id = 'b' AND kind = 'log'"):
-                    break
-            except sqlite3.OperationalError:
-                pass
-        time.sleep(0.02)
+    project.wait_until("SELECT 1 FROM events WHERE step_id = 'b' AND kind = 'log'")
     runner.send_signal(signal.SIGKILL)
     project.finish(runner)
     resumed = project.mle("resume")
@@ -158,7 +124,7 @@ def test_resume_of_a_finished_run_runs_nothing_again(project: Project) -> None:
 def test_only_one_process_drives_a_run(project: Project) -> None:
     (project.root / "slow.yaml").write_text("name: slow\nsteps:\n  s:\n    run: sleep 30\n")
     runner = project.spawn("run", "slow.yaml")
-    _wait_until(project, "SELECT 1 FROM attempts")
+    project.wait_until("SELECT 1 FROM attempts")
     second = project.mle("resume")
     assert second.returncode == 8, second.stderr
     lines = second.stderr.strip().splitlines()
@@ -174,24 +140,14 @@ def test_a_ledger_killed_during_a_write_burst_is_intact_and_resumes(project: Pro
     )
     (project.root / "burst.yaml").write_text(recipe)
     runner = project.spawn("run", "burst.yaml")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if (
-                project.ledger.exists()
-                and _rows(project, "SELECT count(*) FROM events")[0][0] > 2000
-            ):
-                break
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.01)
+    project.wait_until("SELECT 1 WHERE (SELECT count(*) FROM events) > 2000")
     runner.send_signal(signal.SIGKILL)
     project.finish(runner)
-    [check] = _rows(project, "PRAGMA integrity_check")
-    assert check[0] == "ok"
+    [check] = project.rows("PRAGMA integrity_check")
+    assert check["integrity_check"] == "ok"
     resumed = project.mle("resume")
     assert resumed.returncode == 0, resumed.stderr
-    seqs = [r[0] for r in _rows(project, "SELECT seq FROM events ORDER BY seq")]
+    seqs = [r["seq"] for r in project.rows("SELECT seq FROM events ORDER BY seq")]
     assert seqs == list(range(1, len(seqs) + 1))
-    lines = _rows(project, "SELECT count(*) FROM events WHERE kind = 'log'")[0][0]
-    assert lines == 20000
+    [lines] = project.rows("SELECT count(*) AS n FROM events WHERE kind = 'log'")
+    assert lines["n"] == 20000

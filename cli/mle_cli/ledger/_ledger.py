@@ -200,7 +200,8 @@ class Ledger:
         fenced = (row.fetchone() or (0,))[0]
         if fenced:
             self.conn.execute(
-                "UPDATE attempts SET late_status = ?, message = message || ? WHERE task_id = ?",
+                "UPDATE attempts SET late_status = ?, message = coalesce(message, '') || ? "
+                "WHERE task_id = ?",
                 (status, f"; late result {status} ignored (fenced)", task_id),
             )
             return
