@@ -77,6 +77,13 @@ class AgentSettings:
     max_message_bytes: int = 4 * MiB
     max_log_line: int = 64 * 1024
     heartbeat_interval: float = 1.0  # seconds between heartbeats when the caller asks for 0
+    # Model serving. http_listen: the OIP v2 REST routes and /metrics; None = the gRPC host at
+    # the gRPC port + 1 (port 0 when the gRPC port is 0), "off" = no HTTP listener.
+    http_listen: str | None = None
+    serve_threads: int = 0  # runtime intra-op threads per loaded version; 0 = the runtime's choice
+    infer_workers: int = 16  # threads running inference calls for the gRPC and HTTP front-ends
+    load_check_timeout: float = 120.0  # seconds for the child-process load check of a new model
+    load_wait: float = 10.0  # seconds a request waits for a version that is still loading
 
     @property
     def artifacts_root(self) -> Path:
@@ -92,6 +99,11 @@ class AgentSettings:
     def task_root(self) -> Path:
         """Where per-task control dirs live: the shim's log files and exit status."""
         return self.data_dir / "tasks"
+
+    @property
+    def models_root(self) -> Path:
+        """Where served models live: `<name>/<version>/` and `<name>/route.json`."""
+        return self.data_dir / "models"
 
     @property
     def outbox_path(self) -> Path:
@@ -140,8 +152,16 @@ def build_settings(
 
 _FIELDS: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(AgentSettings)}
 _PATHS = {"data_dir", "artifacts_dir", "token_file", "tls_cert", "tls_key", "tls_ca", "state_file"}
-_FLOATS = {"drain_timeout", "kill_grace", "output_grace", "shutdown_grace", "heartbeat_interval"}
-_INTS = {"slots", "max_message_bytes", "max_log_line"}
+_FLOATS = {
+    "drain_timeout",
+    "kill_grace",
+    "output_grace",
+    "shutdown_grace",
+    "heartbeat_interval",
+    "load_check_timeout",
+    "load_wait",
+}
+_INTS = {"slots", "max_message_bytes", "max_log_line", "serve_threads", "infer_workers"}
 
 
 def _from_toml(path: Path, *, required: bool) -> dict[str, Any]:

@@ -75,6 +75,84 @@ LOG_STREAM_STDOUT: LogStream.ValueType  # 1
 LOG_STREAM_STDERR: LogStream.ValueType  # 2
 Global___LogStream: _TypeAlias = LogStream  # noqa: Y015
 
+class _SwapMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SwapModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SwapMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SWAP_MODE_UNSPECIFIED: _SwapMode.ValueType  # 0
+    """= KEEP_OLD"""
+    SWAP_MODE_KEEP_OLD: _SwapMode.ValueType  # 1
+    """the old version serves until the new one is ready"""
+    SWAP_MODE_UNLOAD_FIRST: _SwapMode.ValueType  # 2
+    """unload the old version first (little RAM); requests wait"""
+
+class SwapMode(_SwapMode, metaclass=_SwapModeEnumTypeWrapper):
+    """---- Models ----"""
+
+SWAP_MODE_UNSPECIFIED: SwapMode.ValueType  # 0
+"""= KEEP_OLD"""
+SWAP_MODE_KEEP_OLD: SwapMode.ValueType  # 1
+"""the old version serves until the new one is ready"""
+SWAP_MODE_UNLOAD_FIRST: SwapMode.ValueType  # 2
+"""unload the old version first (little RAM); requests wait"""
+Global___SwapMode: _TypeAlias = SwapMode  # noqa: Y015
+
+class _RoutePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoutePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoutePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTE_POLICY_UNSPECIFIED: _RoutePolicy.ValueType  # 0
+    """= SPLIT"""
+    ROUTE_POLICY_SPLIT: _RoutePolicy.ValueType  # 1
+    """weighted split, sticky by request id"""
+    ROUTE_POLICY_FALLBACK: _RoutePolicy.ValueType  # 2
+    """primary under a deadline, else the secondary answers"""
+    ROUTE_POLICY_CONSENSUS: _RoutePolicy.ValueType  # 3
+    """majority class of the members (classifiers)"""
+
+class RoutePolicy(_RoutePolicy, metaclass=_RoutePolicyEnumTypeWrapper): ...
+
+ROUTE_POLICY_UNSPECIFIED: RoutePolicy.ValueType  # 0
+"""= SPLIT"""
+ROUTE_POLICY_SPLIT: RoutePolicy.ValueType  # 1
+"""weighted split, sticky by request id"""
+ROUTE_POLICY_FALLBACK: RoutePolicy.ValueType  # 2
+"""primary under a deadline, else the secondary answers"""
+ROUTE_POLICY_CONSENSUS: RoutePolicy.ValueType  # 3
+"""majority class of the members (classifiers)"""
+Global___RoutePolicy: _TypeAlias = RoutePolicy  # noqa: Y015
+
+class _VersionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VersionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERSION_STATE_UNSPECIFIED: _VersionState.ValueType  # 0
+    VERSION_STATE_LOADING: _VersionState.ValueType  # 1
+    VERSION_STATE_READY: _VersionState.ValueType  # 2
+    """loaded and warmed up"""
+    VERSION_STATE_AVAILABLE: _VersionState.ValueType  # 3
+    """on disk, not loaded (not in the route)"""
+    VERSION_STATE_FAILED: _VersionState.ValueType  # 4
+    """could not be loaded; message says why"""
+
+class VersionState(_VersionState, metaclass=_VersionStateEnumTypeWrapper): ...
+
+VERSION_STATE_UNSPECIFIED: VersionState.ValueType  # 0
+VERSION_STATE_LOADING: VersionState.ValueType  # 1
+VERSION_STATE_READY: VersionState.ValueType  # 2
+"""loaded and warmed up"""
+VERSION_STATE_AVAILABLE: VersionState.ValueType  # 3
+"""on disk, not loaded (not in the route)"""
+VERSION_STATE_FAILED: VersionState.ValueType  # 4
+"""could not be loaded; message says why"""
+Global___VersionState: _TypeAlias = VersionState  # noqa: Y015
+
 @_typing.final
 class GetInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -128,6 +206,7 @@ class AgentInfo(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     RUNNING_TASKS_FIELD_NUMBER: _builtins.int
+    HTTP_PORT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     proto_version: _builtins.str
@@ -140,6 +219,8 @@ class AgentInfo(_message.Message):
     slots: _builtins.int
     boot_id: _builtins.str
     running_tasks: _builtins.int
+    http_port: _builtins.int
+    """Open Inference Protocol REST routes and /metrics; 0 = not serving"""
     @_builtins.property
     def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -161,10 +242,11 @@ class AgentInfo(_message.Message):
         slots: _builtins.int = ...,
         boot_id: _builtins.str = ...,
         running_tasks: _builtins.int = ...,
+        http_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "boot_id", b"boot_id", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "os", b"os", "proto_version", b"proto_version", "python", b"python", "running_tasks", b"running_tasks", "runtimes", b"runtimes", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "boot_id", b"boot_id", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "http_port", b"http_port", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "os", b"os", "proto_version", b"proto_version", "python", b"python", "running_tasks", b"running_tasks", "runtimes", b"runtimes", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -894,3 +976,435 @@ class AgentHeartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_celsius) -> _WhichOneofReturnType__temperature_celsius | None: ...
 
 Global___AgentHeartbeat: _TypeAlias = AgentHeartbeat  # noqa: Y015
+
+@_typing.final
+class Batching(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    max_batch_size: _builtins.int
+    """0 or 1 = no batching"""
+    max_queue_delay_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        max_batch_size: _builtins.int = ...,
+        max_queue_delay_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_queue_delay_seconds", b"max_queue_delay_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Batching: _TypeAlias = Batching  # noqa: Y015
+
+@_typing.final
+class DeployRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    SWAP_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    SOURCE_RUN_FIELD_NUMBER: _builtins.int
+    SOURCE_STEP_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """[a-z0-9][a-z0-9_.-]*"""
+    version: _builtins.int
+    """0 = the next integer"""
+    digest: _builtins.str
+    """of the model file, already in the agent's artifact store"""
+    filename: _builtins.str
+    """the file's name on the operator's side, for messages"""
+    swap: Global___SwapMode.ValueType
+    canary_percent: _builtins.float
+    """> 0: the new version gets this share, the primary the rest"""
+    source_run: _builtins.str
+    """lineage, kept in the version's manifest"""
+    source_step: _builtins.str
+    @_builtins.property
+    def batching(self) -> Global___Batching: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        digest: _builtins.str = ...,
+        filename: _builtins.str = ...,
+        swap: Global___SwapMode.ValueType = ...,
+        batching: Global___Batching | None = ...,
+        canary_percent: _builtins.float = ...,
+        source_run: _builtins.str = ...,
+        source_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "canary_percent", b"canary_percent", "digest", b"digest", "filename", b"filename", "name", b"name", "source_run", b"source_run", "source_step", b"source_step", "swap", b"swap", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeployRequest: _TypeAlias = DeployRequest  # noqa: Y015
+
+@_typing.final
+class DeployResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    created: _builtins.bool
+    """false: this file was already deployed as `version`"""
+    load_seconds: _builtins.float
+    """validation + child-process check + load + warm-up"""
+    @_builtins.property
+    def model(self) -> Global___ModelStatus: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelStatus | None = ...,
+        version: _builtins.int = ...,
+        created: _builtins.bool = ...,
+        load_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "load_seconds", b"load_seconds", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeployResponse: _TypeAlias = DeployResponse  # noqa: Y015
+
+@_typing.final
+class VersionWeight(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    percent: _builtins.float
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["percent", b"percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionWeight: _TypeAlias = VersionWeight  # noqa: Y015
+
+@_typing.final
+class Route(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    SECONDARY_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    policy: Global___RoutePolicy.ValueType
+    shadow: _builtins.int
+    """0 = none; mirrored, answer discarded, disagreements counted"""
+    secondary: _builtins.int
+    """FALLBACK"""
+    deadline_seconds: _builtins.float
+    """FALLBACK"""
+    @_builtins.property
+    def split(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionWeight]:
+        """SPLIT and FALLBACK: percentages summing to 100"""
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """CONSENSUS"""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RoutePolicy.ValueType = ...,
+        split: _abc.Iterable[Global___VersionWeight] | None = ...,
+        shadow: _builtins.int = ...,
+        secondary: _builtins.int = ...,
+        deadline_seconds: _builtins.float = ...,
+        members: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "members", b"members", "policy", b"policy", "secondary", b"secondary", "shadow", b"shadow", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class RouteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    rollback: _builtins.bool
+    """back to the route before the current one"""
+    @_builtins.property
+    def route(self) -> Global___Route:
+        """ignored when rollback is set"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        route: Global___Route | None = ...,
+        rollback: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rollback", b"rollback", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteRequest: _TypeAlias = RouteRequest  # noqa: Y015
+
+@_typing.final
+class UndeployRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """0 = the whole model"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeployRequest: _TypeAlias = UndeployRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """empty = all"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class TensorInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DATATYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    datatype: _builtins.str
+    """Open Inference Protocol name: FP32, INT64, UINT8..."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """-1 = any size"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        datatype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorInfo: _TypeAlias = TensorInfo  # noqa: Y015
+
+@_typing.final
+class VersionStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    P50_SECONDS_FIELD_NUMBER: _builtins.int
+    P95_SECONDS_FIELD_NUMBER: _builtins.int
+    P99_SECONDS_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
+    SHADOW_REQUESTS_FIELD_NUMBER: _builtins.int
+    DISAGREEMENTS_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    p50_seconds: _builtins.float
+    p95_seconds: _builtins.float
+    p99_seconds: _builtins.float
+    batches: _builtins.int
+    """runtime calls; requests / batches = mean batch size"""
+    shadow_requests: _builtins.int
+    """as the shadow"""
+    disagreements: _builtins.int
+    """as the shadow: answers that differed from the primary's"""
+    fallbacks: _builtins.int
+    """as the secondary: answers given because the primary was late"""
+    since: _builtins.float
+    """unix seconds: when counting started (load time)"""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        p50_seconds: _builtins.float = ...,
+        p95_seconds: _builtins.float = ...,
+        p99_seconds: _builtins.float = ...,
+        batches: _builtins.int = ...,
+        shadow_requests: _builtins.int = ...,
+        disagreements: _builtins.int = ...,
+        fallbacks: _builtins.int = ...,
+        since: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "disagreements", b"disagreements", "errors", b"errors", "fallbacks", b"fallbacks", "p50_seconds", b"p50_seconds", "p95_seconds", b"p95_seconds", "p99_seconds", b"p99_seconds", "requests", b"requests", "shadow_requests", b"shadow_requests", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStats: _TypeAlias = VersionStats  # noqa: Y015
+
+@_typing.final
+class VersionStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    SOURCE_RUN_FIELD_NUMBER: _builtins.int
+    SOURCE_STEP_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    digest: _builtins.str
+    runtime: _builtins.str
+    """onnxruntime | litert"""
+    state: Global___VersionState.ValueType
+    message: _builtins.str
+    created: _builtins.float
+    """unix seconds, deploy time"""
+    source_run: _builtins.str
+    source_step: _builtins.str
+    size_bytes: _builtins.int
+    filename: _builtins.str
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
+    @_builtins.property
+    def batching(self) -> Global___Batching: ...
+    @_builtins.property
+    def stats(self) -> Global___VersionStats: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        digest: _builtins.str = ...,
+        runtime: _builtins.str = ...,
+        state: Global___VersionState.ValueType = ...,
+        message: _builtins.str = ...,
+        created: _builtins.float = ...,
+        source_run: _builtins.str = ...,
+        source_step: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        inputs: _abc.Iterable[Global___TensorInfo] | None = ...,
+        outputs: _abc.Iterable[Global___TensorInfo] | None = ...,
+        batching: Global___Batching | None = ...,
+        stats: Global___VersionStats | None = ...,
+        filename: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "created", b"created", "digest", b"digest", "filename", b"filename", "inputs", b"inputs", "message", b"message", "outputs", b"outputs", "runtime", b"runtime", "size_bytes", b"size_bytes", "source_run", b"source_run", "source_step", b"source_step", "state", b"state", "stats", b"stats", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStatus: _TypeAlias = VersionStatus  # noqa: Y015
+
+@_typing.final
+class ModelStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def route(self) -> Global___Route: ...
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStatus]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        route: Global___Route | None = ...,
+        versions: _abc.Iterable[Global___VersionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "route", b"route", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015

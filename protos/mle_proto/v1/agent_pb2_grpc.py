@@ -529,3 +529,219 @@ class Artifacts:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelsStub:
+    """Models deploys, routes and reports the models the agent serves. A model file arrives first
+    through Artifacts.Put; Deploy names it by digest. Inference itself is the Open Inference
+    Protocol v2 service (inference.proto) on the same port, and REST on AgentInfo.http_port.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Deploy = channel.unary_unary(
+                '/mle.v1.Models/Deploy',
+                request_serializer=mle__proto_dot_v1_dot_agent__pb2.DeployRequest.SerializeToString,
+                response_deserializer=mle__proto_dot_v1_dot_agent__pb2.DeployResponse.FromString,
+                _registered_method=True)
+        self.Route = channel.unary_unary(
+                '/mle.v1.Models/Route',
+                request_serializer=mle__proto_dot_v1_dot_agent__pb2.RouteRequest.SerializeToString,
+                response_deserializer=mle__proto_dot_v1_dot_agent__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.Undeploy = channel.unary_unary(
+                '/mle.v1.Models/Undeploy',
+                request_serializer=mle__proto_dot_v1_dot_agent__pb2.UndeployRequest.SerializeToString,
+                response_deserializer=mle__proto_dot_v1_dot_agent__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/mle.v1.Models/List',
+                request_serializer=mle__proto_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=mle__proto_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+
+
+class ModelsServicer:
+    """Models deploys, routes and reports the models the agent serves. A model file arrives first
+    through Artifacts.Put; Deploy names it by digest. Inference itself is the Open Inference
+    Protocol v2 service (inference.proto) on the same port, and REST on AgentInfo.http_port.
+    """
+
+    def Deploy(self, request, context):
+        """Validates (digest, format magic, tensor signature), loads in a child process first, warms
+        up, then switches traffic atomically. Idempotent on (name, digest): the same file again
+        returns its existing version with created = false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Route(self, request, context):
+        """Changes a model's route: split, canary, shadow, fallback, consensus, or a rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undeploy(self, request, context):
+        """Removes a version (not while the route uses it) or, with version 0, the whole model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """The models, their versions, routes and live stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=mle__proto_dot_v1_dot_agent__pb2.DeployRequest.FromString,
+                    response_serializer=mle__proto_dot_v1_dot_agent__pb2.DeployResponse.SerializeToString,
+            ),
+            'Route': grpc.unary_unary_rpc_method_handler(
+                    servicer.Route,
+                    request_deserializer=mle__proto_dot_v1_dot_agent__pb2.RouteRequest.FromString,
+                    response_serializer=mle__proto_dot_v1_dot_agent__pb2.ModelStatus.SerializeToString,
+            ),
+            'Undeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undeploy,
+                    request_deserializer=mle__proto_dot_v1_dot_agent__pb2.UndeployRequest.FromString,
+                    response_serializer=mle__proto_dot_v1_dot_agent__pb2.ModelStatus.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=mle__proto_dot_v1_dot_agent__pb2.ListModelsRequest.FromString,
+                    response_serializer=mle__proto_dot_v1_dot_agent__pb2.ListModelsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mle.v1.Models', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mle.v1.Models', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Models:
+    """Models deploys, routes and reports the models the agent serves. A model file arrives first
+    through Artifacts.Put; Deploy names it by digest. Inference itself is the Open Inference
+    Protocol v2 service (inference.proto) on the same port, and REST on AgentInfo.http_port.
+    """
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mle.v1.Models/Deploy',
+            mle__proto_dot_v1_dot_agent__pb2.DeployRequest.SerializeToString,
+            mle__proto_dot_v1_dot_agent__pb2.DeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Route(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mle.v1.Models/Route',
+            mle__proto_dot_v1_dot_agent__pb2.RouteRequest.SerializeToString,
+            mle__proto_dot_v1_dot_agent__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mle.v1.Models/Undeploy',
+            mle__proto_dot_v1_dot_agent__pb2.UndeployRequest.SerializeToString,
+            mle__proto_dot_v1_dot_agent__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mle.v1.Models/List',
+            mle__proto_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
+            mle__proto_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

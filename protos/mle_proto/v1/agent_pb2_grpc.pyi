@@ -202,3 +202,88 @@ class ArtifactsServicer(metaclass=_abc_1.ABCMeta):
         """Streams an artifact from offset, so an interrupted download can resume."""
 
 def add_ArtifactsServicer_to_server(servicer: ArtifactsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ModelsStub:
+    """Models deploys, routes and reports the models the agent serves. A model file arrives first
+    through Artifacts.Put; Deploy names it by digest. Inference itself is the Open Inference
+    Protocol v2 service (inference.proto) on the same port, and REST on AgentInfo.http_port.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ModelsAsyncStub: ...
+    Deploy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeployRequest, _agent_pb2.DeployResponse]
+    """Validates (digest, format magic, tensor signature), loads in a child process first, warms
+    up, then switches traffic atomically. Idempotent on (name, digest): the same file again
+    returns its existing version with created = false.
+    """
+    Route: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RouteRequest, _agent_pb2.ModelStatus]
+    """Changes a model's route: split, canary, shadow, fallback, consensus, or a rollback."""
+    Undeploy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UndeployRequest, _agent_pb2.ModelStatus]
+    """Removes a version (not while the route uses it) or, with version 0, the whole model."""
+    List: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]
+    """The models, their versions, routes and live stats."""
+
+@_typing.type_check_only
+class ModelsAsyncStub(ModelsStub):
+    """Models deploys, routes and reports the models the agent serves. A model file arrives first
+    through Artifacts.Put; Deploy names it by digest. Inference itself is the Open Inference
+    Protocol v2 service (inference.proto) on the same port, and REST on AgentInfo.http_port.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Deploy: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeployRequest, _agent_pb2.DeployResponse]  # type: ignore[assignment]
+    """Validates (digest, format magic, tensor signature), loads in a child process first, warms
+    up, then switches traffic atomically. Idempotent on (name, digest): the same file again
+    returns its existing version with created = false.
+    """
+    Route: _aio.UnaryUnaryMultiCallable[_agent_pb2.RouteRequest, _agent_pb2.ModelStatus]  # type: ignore[assignment]
+    """Changes a model's route: split, canary, shadow, fallback, consensus, or a rollback."""
+    Undeploy: _aio.UnaryUnaryMultiCallable[_agent_pb2.UndeployRequest, _agent_pb2.ModelStatus]  # type: ignore[assignment]
+    """Removes a version (not while the route uses it) or, with version 0, the whole model."""
+    List: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The models, their versions, routes and live stats."""
+
+class ModelsServicer(metaclass=_abc_1.ABCMeta):
+    """Models deploys, routes and reports the models the agent serves. A model file arrives first
+    through Artifacts.Put; Deploy names it by digest. Inference itself is the Open Inference
+    Protocol v2 service (inference.proto) on the same port, and REST on AgentInfo.http_port.
+    """
+
+    @_abc_1.abstractmethod
+    def Deploy(
+        self,
+        request: _agent_pb2.DeployRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DeployResponse, _abc.Awaitable[_agent_pb2.DeployResponse]]:
+        """Validates (digest, format magic, tensor signature), loads in a child process first, warms
+        up, then switches traffic atomically. Idempotent on (name, digest): the same file again
+        returns its existing version with created = false.
+        """
+
+    @_abc_1.abstractmethod
+    def Route(
+        self,
+        request: _agent_pb2.RouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ModelStatus, _abc.Awaitable[_agent_pb2.ModelStatus]]:
+        """Changes a model's route: split, canary, shadow, fallback, consensus, or a rollback."""
+
+    @_abc_1.abstractmethod
+    def Undeploy(
+        self,
+        request: _agent_pb2.UndeployRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ModelStatus, _abc.Awaitable[_agent_pb2.ModelStatus]]:
+        """Removes a version (not while the route uses it) or, with version 0, the whole model."""
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _agent_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListModelsResponse, _abc.Awaitable[_agent_pb2.ListModelsResponse]]:
+        """The models, their versions, routes and live stats."""
+
+def add_ModelsServicer_to_server(servicer: ModelsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,18 @@
+"""Model serving on the agent: repository, runtimes, routing, batching, stats, OIP v2 front-ends.
+
+numpy and the runtimes (onnxruntime, LiteRT) are optional extras: nothing here imports them at
+module import time of `mle_agent`, so an agent without them still runs tasks and says, on a deploy,
+which extra to install.
+
+    backend      the Backend protocol every runtime adapter implements, tensor specs, datatypes
+    onnx         onnxruntime adapter            litert    LiteRT / tflite-runtime / tf.lite adapter
+    validation   digest, format magic, signature checks; the child-process load check
+    repository   models/<name>/<version>/ on disk: model file + manifest.json, route.json
+    registry     ModelRegistry: deploy, route, undeploy, infer, status (thread-safe)
+    routing      split (sticky), shadow, fallback, consensus
+    batching     dynamic batching per version
+    stats        per-version counters and latency histograms; Prometheus exposition
+    servicer     the mle.v1.Models gRPC servicer
+    oip_grpc     inference.GRPCInferenceService servicer
+    oip_http     OIP v2 REST routes and /metrics
+"""
