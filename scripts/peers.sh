@@ -10,5 +10,6 @@ if [ ! -x "$dir/bin/python" ]; then
   python3 -m venv "$dir"
 fi
 "$dir/bin/python" -m pip install -q --upgrade pip
-"$dir/bin/python" -m pip install -q "tritonclient[grpc,http]>=2.40" "mlserver>=1.6" "onnxruntime>=1.17" "numpy>=1.24"
+# uvloop 0.22 raises from asyncio.get_event_loop() without a loop, which MLServer 1.7 calls.
+"$dir/bin/python" -m pip install -q "tritonclient[grpc,http]>=2.40" "mlserver>=1.6" "onnxruntime>=1.17" "numpy>=1.24" "uvloop<0.22"
 echo "peers ready in $dir"
