@@ -6,8 +6,12 @@ after another (one row of the input file per request, raw tensor contents), for 
 warm-up. Checks every answer (shape, finite probabilities) and counts failures instead of hiding
 them. Prints one JSON object: requests, errors, p50/p99 latency (ms), requests/s, versions seen.
 
+With --trace FILE it also writes one JSON line per request: its start and end (time.time()),
+the version that answered, or the error (tests use it to check hot swaps request by request).
+
 Usage: oip_load.py --url 127.0.0.1:PORT --model NAME --data X.npz --concurrency C --seconds S
                    [--warmup S] [--token T] [--input input] [--output probabilities]
+                   [--trace FILE]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> int:
     parser.add_argument("--token", default="")
     parser.add_argument("--input", default="input")
     parser.add_argument("--output", default="probabilities")
+    parser.add_argument("--trace", default="")
     args = parser.parse_args()
     rows = np.load(args.data)["X"].astype(np.float32)
     headers = {"authorization": f"Bearer {args.token}"} if args.token else None
@@ -40,6 +45,7 @@ def main() -> int:
     errors = Counter[str]()
     versions = Counter[str]()
     lock = threading.Lock()
+    trace: list[dict[str, object]] = []
     start = time.perf_counter()
     measure_from = start + args.warmup
     stop_at = measure_from + args.seconds
@@ -53,8 +59,11 @@ def main() -> int:
             i += args.concurrency
             tensor = grpcclient.InferInput(args.input, list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
+            began = time.time()
             try:
-                result = client.infer(args.model, [tensor], outputs=[out], headers=headers)
+                result = client.infer(
+                    args.model, [tensor], outputs=[out], headers=headers, request_id=f"{slot}-{i}"
+                )
                 y = result.as_numpy(args.output)
                 if y is None or y.shape != (1, 10) or not np.isfinite(y).all():
                     raise ValueError(f"bad answer {None if y is None else y.shape}")
@@ -62,8 +71,12 @@ def main() -> int:
             except Exception as exc:  # counted, reported: a failed request is a result
                 with lock:
                     errors[type(exc).__name__] += 1
+                    trace.append({"start": began, "end": time.time(), "error": str(exc)[:300]})
                 continue
             done = time.perf_counter()
+            if args.trace:
+                with lock:
+                    trace.append({"start": began, "end": time.time(), "version": version})
             if now >= measure_from:
                 latencies[slot].append(done - now)
                 with lock:
@@ -75,6 +88,9 @@ def main() -> int:
         t.start()
     for t in threads:
         t.join()
+    if args.trace:
+        with open(args.trace, "w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in trace)
     all_ms = np.array([v for per in latencies for v in per]) * 1000
     print(
         json.dumps(
