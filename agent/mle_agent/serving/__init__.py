@@ -9,10 +9,15 @@ which extra to install.
     validation   digest, format magic, signature checks; the child-process load check
     repository   models/<name>/<version>/ on disk: model file + manifest.json, route.json
     registry     ModelRegistry: deploy, route, undeploy, infer, status (thread-safe)
+    state        ModelState (one model's versions and route) and its ModelStatus message
+    deploying    the deploy checks, then loading and switching
+    loaded       one loaded version: in-flight leases, input checks, its batcher
+    dispatch     plans a request under the registry lock and runs the route's policy
     routing      split (sticky), shadow, fallback, consensus
     batching     dynamic batching per version
     stats        per-version counters and latency histograms; Prometheus exposition
     servicer     the mle.v1.Models gRPC servicer
     oip_grpc     inference.GRPCInferenceService servicer
+    tensors      numpy <-> OIP tensors (typed contents, raw contents, JSON, binary extension)
     oip_http     OIP v2 REST routes and /metrics
 """
