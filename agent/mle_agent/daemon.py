@@ -1,7 +1,8 @@
 """`mle-agentd`: the agent daemon's command line, lifecycle and signals.
 
 Errors a user can fix are one line on stderr and a non-zero exit; SIGTERM/SIGINT drain: no new
-tasks, health NOT_SERVING, running tasks get `--drain-timeout` seconds, then the server stops.
+tasks, health NOT_SERVING, running tasks get `--drain-timeout` seconds, then the gRPC server and
+the REST listener stop, inference threads finish and the models are unloaded.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mle_agent.server import create_server
+from mle_agent.server import Serving, create_server
+from mle_agent.serving.httpd import HttpServer
+from mle_agent.serving.oip_http import check_http_settings, http_address, start_http
+from mle_agent.serving.registry import ModelRegistry
 from mle_agent.settings import (
     DEFAULT_CONFIG,
     AgentSettings,
@@ -42,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = build_settings(vars(args), os.environ, args.config)
         check_listen_security(settings)
+        check_http_settings(settings)
     except MleError as exc:
         return _fail(exc)
     _configure_logging(settings.log_level)
@@ -78,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", help="server private key (PEM)")
     add("--tls-ca", help="CA certificate (PEM) that client certificates must chain to")
     add("--insecure", action="store_true", default=None, help="allow non-loopback without TLS")
-    add("--state-file", help="write pid, address and port here (JSON, 0600) once listening")
+    add(
+        "--http-listen",
+        help="HOST:PORT for the Open Inference Protocol REST routes and /metrics "
+        "(default: the gRPC host and port + 1; off = none)",
+    )
+    add("--state-file", help="write pid, address and ports here (JSON, 0600) once listening")
     add("--drain-timeout", type=float, help="seconds tasks get to finish on SIGTERM (default 30)")
     add("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (default 2)")
     add("--heartbeat-interval", type=float, help="seconds between heartbeats (default 1)")
@@ -91,35 +102,24 @@ async def run_agent(settings: AgentSettings) -> int:
     """Serve until SIGTERM/SIGINT, then drain and stop; return the exit status."""
     manager = TaskManager.open(settings)
     try:
-        server, port = await create_server(settings, manager)
-    except BaseException:
-        manager.close()
-        raise
-    stop = asyncio.Event()
-    _install_signal_handlers(stop, manager)
-    try:
-        await server.start()
-        _announce(settings, manager, port)
-        await stop.wait()
-        log.info("draining: no new tasks; up to %gs for running ones", settings.drain_timeout)
-        await manager.drain(settings.drain_timeout)
-        await server.stop(settings.shutdown_grace)
+        async with _model_serving(settings, manager) as (serving, http):
+            await _serve(settings, manager, serving, http)
     finally:
-        _remove_signal_handlers()
-        await manager.drain(0)
-        await server.stop(None)
         manager.close()
         _remove_state_file(settings.state_file)
     log.info("stopped")
     return 0
 
 
-def state_file_content(settings: AgentSettings, manager: TaskManager, port: int) -> dict[str, Any]:
+def state_file_content(
+    settings: AgentSettings, manager: TaskManager, port: int, http_port: int = 0
+) -> dict[str, Any]:
     """What the state file says: enough for the operator to connect, and no secret."""
     return {
         "pid": os.getpid(),
         "address": _address(settings, port),
         "port": port,
+        "http_port": http_port,
         "name": settings.name,
         "boot_id": manager.boot_id,
         "version": __version__,
@@ -127,11 +127,56 @@ def state_file_content(settings: AgentSettings, manager: TaskManager, port: int)
     }
 
 
-def _announce(settings: AgentSettings, manager: TaskManager, port: int) -> None:
+@contextlib.asynccontextmanager
+async def _model_serving(
+    settings: AgentSettings, manager: TaskManager
+) -> AsyncIterator[tuple[Serving, HttpServer | None]]:
+    """The model registry (routes reloaded), inference threads and REST listener; closed after."""
+    registry = ModelRegistry(settings, manager.store)
+    workers = max(1, settings.infer_workers)
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="mle-infer")
+    http: HttpServer | None = None
+    try:
+        await asyncio.to_thread(registry.start)  # loads the models the routes use: seconds
+        http = await start_http(settings, registry, executor)
+        yield Serving(registry, executor, http.port if http else 0), http
+    finally:
+        if http is not None:
+            await http.close()
+        await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(registry.close)
+
+
+async def _serve(
+    settings: AgentSettings, manager: TaskManager, serving: Serving, http: HttpServer | None
+) -> None:
+    server, port = await create_server(settings, manager, serving)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop, manager)
+    try:
+        await server.start()
+        _announce(settings, manager, port, serving.http_port)
+        await stop.wait()
+        log.info("draining: no new tasks; up to %gs for running ones", settings.drain_timeout)
+        await manager.drain(settings.drain_timeout)
+        grace = settings.shutdown_grace
+        await asyncio.gather(server.stop(grace), http.close(grace) if http else asyncio.sleep(0))
+    finally:
+        _remove_signal_handlers()
+        await manager.drain(0)
+        await server.stop(None)
+
+
+def _announce(settings: AgentSettings, manager: TaskManager, port: int, http_port: int) -> None:
     address = _address(settings, port)
     if settings.state_file:
-        _write_state_file(settings.state_file, state_file_content(settings, manager, port))
+        content = state_file_content(settings, manager, port, http_port)
+        _write_state_file(settings.state_file, content)
     log.info("listening on %s", address)
+    http = http_address(settings)
+    if http is not None:
+        where = f"[{http[0]}]:{http_port}" if ":" in http[0] else f"{http[0]}:{http_port}"
+        log.info("Open Inference Protocol REST routes and /metrics on %s", where)
     if settings.insecure and not settings.tls:
         log.warning(
             "INSECURE: listening on %s without TLS (--insecure): anyone who can reach this port "

@@ -20,7 +20,9 @@ __all__ = ["RUNTIMES", "agent_info", "os_description", "runtimes"]
 RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_runtime")
 
 
-def agent_info(settings: AgentSettings, *, boot_id: str, running_tasks: int) -> pb.AgentInfo:
+def agent_info(
+    settings: AgentSettings, *, boot_id: str, running_tasks: int, http_port: int = 0
+) -> pb.AgentInfo:
     """The GetInfo answer: static facts plus what changes (disk, running tasks)."""
     return pb.AgentInfo(
         name=settings.name,
@@ -37,6 +39,7 @@ def agent_info(settings: AgentSettings, *, boot_id: str, running_tasks: int) -> 
         slots=settings.slots,
         boot_id=boot_id,
         running_tasks=running_tasks,
+        http_port=http_port,
     )
 
 

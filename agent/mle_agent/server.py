@@ -1,7 +1,8 @@
 """The agent's gRPC server: services, health, bearer-token auth, TLS, message limits.
 
 `create_server` builds and binds the server without starting it, so tests (and the embedded local
-agent) can bind port 0 and learn the port.
+agent) can bind port 0 and learn the port. With a `Serving`, the same server also carries model
+serving: `mle.v1.Models` and the Open Inference Protocol's `inference.GRPCInferenceService`.
 """
 
 from __future__ import annotations
@@ -10,31 +11,56 @@ import hmac
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # public as health.aio; the stubs lack it
 
 from mle_agent.servicers import AgentServicer, ArtifactsServicer
+from mle_agent.serving.oip_grpc import InferenceServicer
+from mle_agent.serving.servicer import ModelsServicer
 from mle_agent.settings import AgentSettings, check_listen_security, split_listen
 from mle_agent.tasks import TaskManager
 from mle_proto import AUTH_METADATA_KEY
 from mle_proto.errors import MleError, UsageError
 from mle_proto.v1 import agent_pb2_grpc as pb_grpc
+from mle_proto.v1 import inference_pb2_grpc as ipb_grpc
 
-__all__ = ["SERVICE_NAMES", "UNAUTHENTICATED_MESSAGE", "create_server", "read_token"]
+if TYPE_CHECKING:
+    from mle_agent.serving.registry import ModelRegistry
+
+__all__ = [
+    "SERVICE_NAMES",
+    "SERVING_SERVICE_NAMES",
+    "UNAUTHENTICATED_MESSAGE",
+    "Serving",
+    "create_server",
+    "read_token",
+]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("mle.v1.Agent", "mle.v1.Artifacts")
+SERVING_SERVICE_NAMES = ("mle.v1.Models", "inference.GRPCInferenceService")
 UNAUTHENTICATED_MESSAGE = "missing or wrong token"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the agent serves models with: the registry, the inference threads, the REST port."""
+
+    registry: ModelRegistry
+    executor: Executor  # runs inference for the gRPC and REST front-ends
+    http_port: int = 0  # the REST listener's port, reported by GetInfo; 0 = no listener
+
+
 async def create_server(
-    settings: AgentSettings, manager: TaskManager
+    settings: AgentSettings, manager: TaskManager, serving: Serving | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """Build the server with every service registered and bind it; return it and its port."""
     check_listen_security(settings)
@@ -45,11 +71,16 @@ async def create_server(
         _probe(host, port, settings.listen)
     interceptors = [_TokenAuth(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
-    pb_grpc.add_AgentServicer_to_server(AgentServicer(manager), server)
+    http_port = serving.http_port if serving else 0
+    pb_grpc.add_AgentServicer_to_server(AgentServicer(manager, http_port), server)
     pb_grpc.add_ArtifactsServicer_to_server(ArtifactsServicer(manager.store), server)
+    services: tuple[str, ...] = SERVICE_NAMES
+    if serving is not None:
+        _add_serving(server, serving)
+        services += SERVING_SERVICE_NAMES
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for service in ("", *SERVICE_NAMES):
+    for service in ("", *services):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     manager.on_drain(health.enter_graceful_shutdown)
     return server, _bind(server, settings.listen, credentials)
@@ -67,6 +98,12 @@ def read_token(path: Path) -> str:
     if path.stat().st_mode & 0o077:
         log.warning("token file %s is readable by other users; chmod 600 it", path)
     return token
+
+
+def _add_serving(server: grpc.aio.Server, serving: Serving) -> None:
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(serving.registry), server)
+    inference = InferenceServicer(serving.registry, serving.executor)
+    ipb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
 
 
 def _options(settings: AgentSettings) -> list[tuple[str, Any]]:

@@ -87,15 +87,19 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 class AgentServicer(pb_grpc.AgentServicer):
     """Tasks: start, watch, cancel, list, ack; the agent's facts and heartbeats."""
 
-    def __init__(self, manager: TaskManager) -> None:
+    def __init__(self, manager: TaskManager, http_port: int = 0) -> None:
         self._manager = manager
+        self._http_port = http_port
 
     @_unary
     async def GetInfo(self, request: pb.GetInfoRequest, context: Context) -> pb.AgentInfo:
         """Facts about the agent."""
         manager = self._manager
         return agent_info(
-            manager.settings, boot_id=manager.boot_id, running_tasks=manager.running_count
+            manager.settings,
+            boot_id=manager.boot_id,
+            running_tasks=manager.running_count,
+            http_port=self._http_port,
         )
 
     @_unary

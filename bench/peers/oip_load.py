@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import threading
 import time
 from collections import Counter
@@ -49,12 +50,14 @@ def main() -> int:
     start = time.perf_counter()
     measure_from = start + args.warmup
     stop_at = measure_from + args.seconds
+    stopping = threading.Event()  # SIGTERM ends the load early, and the figures are still printed
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
     def worker(slot: int) -> None:
         client = grpcclient.InferenceServerClient(url=args.url)
         out = grpcclient.InferRequestedOutput(args.output)
         i = slot
-        while (now := time.perf_counter()) < stop_at:
+        while (now := time.perf_counter()) < stop_at and not stopping.is_set():
             x = rows[i % len(rows)][None, :]
             i += args.concurrency
             tensor = grpcclient.InferInput(args.input, list(x.shape), "FP32")
@@ -99,7 +102,8 @@ def main() -> int:
                 "errors": dict(errors),
                 "p50_ms": float(np.percentile(all_ms, 50)) if all_ms.size else 0.0,
                 "p99_ms": float(np.percentile(all_ms, 99)) if all_ms.size else 0.0,
-                "rps": all_ms.size / args.seconds,
+                "rps": all_ms.size
+                / max(1e-9, min(args.seconds, time.perf_counter() - measure_from)),
                 "versions": dict(versions),
             }
         )

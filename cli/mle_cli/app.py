@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mle_cli.commands import agent, history, run
+from mle_cli.commands import agent, history, models, run
 
 __all__ = ["app", "main"]
 
@@ -54,6 +54,7 @@ def _root(
 
 run.register(app)
 history.register(app)
+models.register(app)
 app.add_typer(agent.app, name="agent")
 
 

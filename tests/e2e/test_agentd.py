@@ -56,7 +56,9 @@ def test_daemon_starts_writes_its_state_file_and_requires_the_token(tmp_path: Pa
     token_file.chmod(0o600)
     with daemon(tmp_path, "--listen", "127.0.0.1:0", "--token-file", str(token_file)) as agentd:
         state = agentd.wait_ready()
-        assert set(state) == {"pid", "address", "port", "name", "boot_id", "version", "proto"}
+        assert set(state) == {
+            "pid", "address", "port", "http_port", "name", "boot_id", "version", "proto"
+        }  # fmt: skip
         assert state["address"] == f"127.0.0.1:{state['port']}" and state["proto"] == "v1"
         assert stat.S_IMODE(agentd.state_file.stat().st_mode) == 0o600
         assert TOKEN not in agentd.state_file.read_text()

@@ -72,8 +72,9 @@ def _assert_consistent(trace: dict[str, Any], attempts: list[dict[str, Any]]) ->
 def test_trace_of_a_three_step_run(project: Project) -> None:
     _run(
         project,
-        "name: three\nsteps:\n  a:\n    run: echo a\n"
-        "  b:\n    needs: [a]\n    run: sleep 0.3; echo b\n"
+        # a takes a while too: on a loaded machine its bar must still start a column before b's.
+        "name: three\nsteps:\n  a:\n    run: sleep 0.2; echo a\n"
+        "  b:\n    needs: [a]\n    run: sleep 0.6; echo b\n"
         "  c:\n    needs: [b]\n    run: echo c\n",
         expected=0,
     )
@@ -84,7 +85,7 @@ def test_trace_of_a_three_step_run(project: Project) -> None:
         assert [p["kind"] for p in row["phases"]] == ["queued", "pending", "staging", "running"]
     a, b, c = trace["rows"]
     assert a["end"] <= b["phases"][0]["start"] and b["end"] <= c["phases"][0]["start"]
-    assert b["phases"][-1]["duration"] >= 0.3  # the sleep is in b's running phase
+    assert b["phases"][-1]["duration"] >= 0.6  # the sleep is in b's running phase
     assert trace["run"]["status"] == "succeeded" and trace["end"] >= c["end"]
 
     project.env["COLUMNS"] = "100"

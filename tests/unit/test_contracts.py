@@ -81,10 +81,21 @@ HEAVY = {
     "ai_edge_litert",
     "jinja2",
     "yaml",
+    "numpy",
 }
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["agent", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["agent", "--help"],
+        ["deploy", "--help"],
+        ["models", "--help"],
+        ["predict", "--help"],
+    ],
+)
 def test_help_imports_nothing_heavy(args: list[str]) -> None:
     loaded = {m.split(".")[0] for m in _modules_after(HELP.format(args=args))}
     assert loaded & HEAVY == set()

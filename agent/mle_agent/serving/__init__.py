@@ -19,5 +19,6 @@ which extra to install.
     servicer     the mle.v1.Models gRPC servicer
     oip_grpc     inference.GRPCInferenceService servicer
     tensors      numpy <-> OIP tensors (typed contents, raw contents, JSON, binary extension)
+    httpd        a small HTTP/1.1 server on asyncio streams, used by oip_http
     oip_http     OIP v2 REST routes and /metrics
 """

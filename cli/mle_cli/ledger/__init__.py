@@ -1,9 +1,21 @@
-"""The operator's SQLite ledger: source of truth for runs, steps, attempts, events, artifacts."""
+"""The operator's SQLite ledger: source of truth for runs, steps, attempts, events, artifacts and
+model deployments."""
 
 from __future__ import annotations
 
+from mle_cli.ledger import _deployments as deployments
 from mle_cli.ledger import _queries as queries
+from mle_cli.ledger._deployments import DeploymentRecord
 from mle_cli.ledger._ledger import ArtifactRecord, EventRecord, Ledger, LedgerError
 from mle_cli.ledger._writer import LedgerWriter
 
-__all__ = ["ArtifactRecord", "EventRecord", "Ledger", "LedgerError", "LedgerWriter", "queries"]
+__all__ = [
+    "ArtifactRecord",
+    "DeploymentRecord",
+    "EventRecord",
+    "Ledger",
+    "LedgerError",
+    "LedgerWriter",
+    "deployments",
+    "queries",
+]

@@ -103,6 +103,30 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, step_id)
     );
     """,
+    # 3: model deployments and route changes (`mle deploy`), with their lineage.
+    """
+    CREATE TABLE deployments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        target TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER,
+        digest TEXT,
+        runtime TEXT,
+        filename TEXT,
+        size INTEGER,
+        uploaded INTEGER NOT NULL DEFAULT 0,
+        action TEXT NOT NULL,
+        route TEXT,
+        created INTEGER NOT NULL DEFAULT 0,
+        source_run TEXT,
+        source_step TEXT,
+        operator TEXT NOT NULL
+    );
+    CREATE INDEX deployments_model ON deployments(target, model, time);
+    CREATE INDEX artifacts_digest ON artifacts(digest);
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)

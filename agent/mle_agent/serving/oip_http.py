@@ -1,0 +1,302 @@
+"""The Open Inference Protocol v2 REST routes and `/metrics` of an agent.
+
+    GET  /v2/health/live | /v2/health/ready | /v2 | /metrics
+    GET  /v2/models/{name}[/versions/{v}]            model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready      200 ready, 503 not (yet)
+    POST /v2/models/{name}[/versions/{v}]/infer      JSON, or JSON + binary tensor data
+
+Infer bodies follow the OIP REST spec plus the binary tensor data extension tritonclient uses by
+default: `Inference-Header-Content-Length: N` is the JSON part's length, input tensors with a
+`binary_data_size` parameter follow it in order, and outputs asked for with `binary_data` (or all
+of them with the request parameter `binary_data_output`) come back the same way. Errors are
+`{"error": "..."}` with 400 (bad input), 404 (unknown model, version or route), 401, 413, 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from mle_agent.server import UNAUTHENTICATED_MESSAGE, read_token
+from mle_agent.serving.httpd import (
+    READ_TIMEOUT,
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    server_ssl_context,
+)
+from mle_agent.serving.oip_grpc import (
+    EXTENSIONS,
+    SERVER_NAME,
+    ordered_outputs,
+    parse_version,
+    requested_outputs,
+)
+from mle_agent.serving.registry import InferRequest
+from mle_agent.serving.stats import render_metrics
+from mle_agent.serving.tensors import decode_json_inputs, encode_json_outputs
+from mle_agent.settings import check_listen_security, split_listen
+from mle_proto import __version__
+from mle_proto.errors import InvalidInput, MleError, UsageError
+
+if TYPE_CHECKING:
+    from mle_agent.serving.backend import TensorSpec
+    from mle_agent.serving.registry import ModelMetadata, ModelRegistry
+    from mle_agent.settings import AgentSettings
+
+__all__ = [
+    "HEADER_CONTENT_LENGTH",
+    "OipRoutes",
+    "check_http_settings",
+    "http_address",
+    "start_http",
+]
+
+log = logging.getLogger(__name__)
+
+HEADER_CONTENT_LENGTH = "inference-header-content-length"
+# MleError.status (a gRPC code name) -> HTTP status.
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 409,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 503,
+}  # fmt: skip
+
+
+def http_address(settings: AgentSettings) -> tuple[str, int] | None:
+    """Where REST listens: `http_listen`, else the gRPC host at port + 1 (0 stays 0); None = off."""
+    if settings.http_listen is None:
+        host, port = split_listen(settings.listen)
+        return host, (port + 1 if 0 < port < 65535 else 0)
+    if settings.http_listen.strip().lower() == "off":
+        return None
+    try:
+        return split_listen(settings.http_listen)
+    except UsageError:
+        raise UsageError(
+            f"invalid http_listen {settings.http_listen!r}: expected HOST:PORT or off"
+        ) from None
+
+
+def check_http_settings(settings: AgentSettings) -> None:
+    """UsageError for a malformed `http_listen`, or a public one without TLS or --insecure."""
+    http_address(settings)
+    if settings.http_listen is not None and settings.http_listen.strip().lower() != "off":
+        check_listen_security(replace(settings, listen=settings.http_listen))
+
+
+async def start_http(
+    settings: AgentSettings,
+    registry: ModelRegistry,
+    executor: Executor,
+    *,
+    timeout: float = READ_TIMEOUT,
+) -> HttpServer | None:
+    """Bind and serve the REST routes as the settings say; None when `http_listen` is off.
+
+    Inference runs in `executor`; a client silent for `timeout` seconds is disconnected.
+    """
+    check_http_settings(settings)
+    address = http_address(settings)
+    if address is None:
+        return None
+    token = read_token(settings.token_file) if settings.token_file else None
+    server = HttpServer(
+        OipRoutes(registry, executor).answer,
+        token=token,
+        max_body=settings.max_message_bytes,
+        unauthenticated=UNAUTHENTICATED_MESSAGE,
+        timeout=timeout,
+    )
+    cert, key, ca = settings.tls_cert, settings.tls_key, settings.tls_ca
+    context = server_ssl_context(cert, key, ca) if cert and key and ca else None
+    host, port = address
+    try:
+        await server.bind(host, port, context)
+    except OSError as exc:
+        if settings.http_listen is not None or not port:
+            raise MleError(f"cannot listen on {host}:{port} for HTTP: {_reason(exc)}") from None
+        # The derived default (gRPC port + 1) is only a convention: take any free port instead.
+        log.warning("HTTP port %d is taken (%s); using a free port", port, _reason(exc))
+        await server.bind(host, 0, context)
+    return server
+
+
+class OipRoutes:
+    """Answers REST requests from the registry; blocking work runs in threads."""
+
+    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+        self._registry = registry
+        self._executor = executor
+
+    async def answer(self, request: Request) -> Response:
+        """The response to one request; errors become JSON error responses."""
+        try:
+            return await self._route(request)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message)
+        except MleError as exc:
+            return error_response(_HTTP_STATUS.get(exc.status, 500), exc.message)
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path[:200])
+            return error_response(500, "internal error: see agent log")
+
+    async def _route(self, request: Request) -> Response:
+        segments = [unquote(s) for s in request.path.split("/")[1:]]
+        match segments:
+            case ["v2", "health", "live"]:
+                _method(request, "GET")
+                return Response(200)
+            case ["v2", "health", "ready"]:
+                _method(request, "GET")
+                return Response(200 if await asyncio.to_thread(self._registry.ready) else 503)
+            case ["v2"]:
+                _method(request, "GET")
+                extensions = list(EXTENSIONS)
+                return json_response(
+                    200, {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
+                )
+            case ["metrics"]:
+                _method(request, "GET")
+                return await asyncio.to_thread(self._metrics)
+            case ["v2", "models", name, "versions", version, *rest] if name and version:
+                return await self._model(request, name, version, rest)
+            case ["v2", "models", name, *rest] if name and rest[:1] != ["versions"]:
+                return await self._model(request, name, "", rest)
+        raise HttpError(404, f"no route {request.path[:200]}")
+
+    async def _model(self, request: Request, name: str, version: str, rest: list[str]) -> Response:
+        number = parse_version(version)
+        match rest:
+            case []:
+                _method(request, "GET")
+                found = await asyncio.to_thread(self._registry.metadata, name, number)
+                return json_response(200, _model_metadata(found))
+            case ["ready"]:
+                _method(request, "GET")
+                ready = await asyncio.to_thread(self._registry.ready, name, number)
+                return Response(200 if ready else 503)
+            case ["infer"]:
+                _method(request, "POST")
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    self._executor, self._infer, name, number, request
+                )
+        raise HttpError(404, f"no route {request.path[:200]}")
+
+    def _infer(self, name: str, version: int | None, request: Request) -> Response:
+        body, binary = _split_body(request)
+        outputs = _output_parameters(body.get("outputs"))
+        wanted = requested_outputs(outputs.items())
+        request_id = body.get("id", "")
+        if not isinstance(request_id, str):
+            raise InvalidInput("'id' must be a string")
+        inputs = decode_json_inputs(body.get("inputs"), binary)
+        result = self._registry.infer(
+            InferRequest(name, inputs, version, request_id=request_id, outputs=wanted)
+        )
+        answer: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
+        if request_id:
+            answer["id"] = request_id
+        if result.parameters:
+            answer["parameters"] = dict(result.parameters)
+        entries, parts = encode_json_outputs(
+            ordered_outputs(result, wanted), _binary_choice(body, outputs)
+        )
+        answer["outputs"] = entries
+        text = json.dumps(answer).encode()
+        if not parts:
+            return Response(200, text)
+        header = (("Inference-Header-Content-Length", str(len(text))),)
+        return Response(200, b"".join([text, *parts]), "application/octet-stream", header)
+
+    def _metrics(self) -> Response:
+        body, content_type = render_metrics(self._registry)
+        return Response(200, body, content_type)
+
+
+def _split_body(request: Request) -> tuple[dict[str, Any], memoryview]:
+    """The JSON part of an infer body and the binary tensor data after it."""
+    body = request.body
+    size_text = request.headers.get(HEADER_CONTENT_LENGTH)
+    size = len(body)
+    if size_text is not None:
+        if not size_text.isascii() or not size_text.isdigit() or int(size_text) > len(body):
+            raise InvalidInput(f"invalid Inference-Header-Content-Length {size_text[:40]!r}")
+        size = int(size_text)
+    try:
+        parsed = json.loads(body[:size])
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        reason = str(exc).splitlines()[0][:200]
+        raise InvalidInput(f"request body is not valid JSON: {reason}") from None
+    except RecursionError:
+        raise InvalidInput("request body is not valid JSON: nested too deeply") from None
+    return _object(parsed, "the request body"), memoryview(body)[size:]
+
+
+def _output_parameters(outputs: Any) -> dict[str, dict[str, Any]]:
+    """Requested outputs, name -> parameters, in request order."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    found: dict[str, dict[str, Any]] = {}
+    for entry in outputs:
+        name = _object(entry, "each requested output").get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput("a requested output has no name")
+        if name in found:
+            raise InvalidInput(f"output {name} is requested twice")
+        found[name] = _object(entry.get("parameters"), f"output {name}: parameters")
+    return found
+
+
+def _binary_choice(
+    body: dict[str, Any], outputs: dict[str, dict[str, Any]]
+) -> Callable[[str], bool]:
+    """Whether an output goes back as binary data: its own `binary_data`, else the request's
+    `binary_data_output`, else JSON."""
+    default = bool(_object(body.get("parameters"), "parameters").get("binary_data_output"))
+    return lambda name: bool(outputs.get(name, {}).get("binary_data", default))
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return value
+
+
+def _method(request: Request, allowed: str) -> None:
+    if request.method != allowed:
+        path = request.path[:200]
+        raise HttpError(405, f"{request.method[:20]} is not allowed on {path}; use {allowed}")
+
+
+def _model_metadata(found: ModelMetadata) -> dict[str, Any]:
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
+
+    return {
+        "name": found.name,
+        "versions": [str(v) for v in found.versions],
+        "platform": found.platform,
+        "inputs": tensors(found.inputs),
+        "outputs": tensors(found.outputs),
+    }
+
+
+def _reason(exc: OSError) -> str:
+    # asyncio wraps the bind error in a long message; the errno says it in a few words.
+    return (os.strerror(exc.errno) if exc.errno else str(exc)).lower()

@@ -1,0 +1,159 @@
+"""What `mle deploy`, `mle models` and `mle predict` print: pure line builders, then printers.
+
+Tables and JSON go through `mle_cli.render` (the one module that knows rich); plain lines are
+written to stdout as data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from mle_cli import render
+from mle_cli.models.routes import describe_route
+
+if TYPE_CHECKING:
+    from mle_cli.models.deploy import DeployOutcome
+    from mle_cli.models.listing import Listing
+    from mle_cli.models.predict import Prediction
+
+__all__ = [
+    "MODEL_COLUMNS",
+    "deploy_line",
+    "human_size",
+    "model_rows",
+    "prediction_lines",
+    "print_deployed",
+    "print_models",
+    "print_prediction",
+]
+
+MODEL_COLUMNS = (
+    "target", "model", "ver", "state", "runtime", "traffic",
+    "requests", "errors", "p50_ms", "p95_ms", "source_run",
+)  # fmt: skip
+_MAX_ROWS = 20  # rows of a prediction printed for a human; --json has them all
+
+
+def human_size(size: int) -> str:
+    """1.2 MB, 340 kB, 12 B (decimal units, as file managers show them)."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def deploy_line(outcome: DeployOutcome) -> str:
+    """One line saying what a deploy or route change did."""
+    name, where, route = outcome.model, f"on {outcome.target}", describe_route(outcome.route)
+    if outcome.action == "rollback":
+        return f"{name} {where} rolled back: {route}"
+    if outcome.action == "route":
+        return f"{name} {where}: {route}"
+    head = f"{name} v{outcome.version}"
+    if not outcome.created:
+        return f"{head} already deployed {where} (same file)"
+    details = (
+        f"({outcome.runtime or 'unknown runtime'}, {human_size(outcome.size)}, "
+        f"loaded in {outcome.load_seconds:.2f} s)"
+    )
+    share = outcome.route.percent(outcome.version)
+    if share >= 100:
+        return f"{head} serving {where} {details}"
+    if share > 0:
+        return f"{head} serving {share:g}% {where} {details}; route: {route}"
+    return f"{head} loaded {where}, not routed {details}; route: {route}"
+
+
+def print_deployed(outcome: DeployOutcome, json_out: bool) -> None:
+    """The deploy line, or the outcome as JSON."""
+    if json_out:
+        render.print_json(outcome.to_dict())
+    else:
+        sys.stdout.write(render.printable(deploy_line(outcome)) + "\n")
+
+
+def model_rows(models: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per model version."""
+    return [
+        {
+            "target": model["target"],
+            "model": model["name"],
+            "ver": version["version"],
+            "state": version["state"],
+            "runtime": version["runtime"],
+            "traffic": version["traffic"],
+            "requests": version["stats"]["requests"],
+            "errors": version["stats"]["errors"],
+            "p50_ms": _ms(version["stats"]["p50_seconds"], version["stats"]["requests"]),
+            "p95_ms": _ms(version["stats"]["p95_seconds"], version["stats"]["requests"]),
+            "source_run": version["source_run"],
+        }
+        for model in models
+        for version in model["versions"]
+    ]
+
+
+def print_models(listing: Listing, json_out: bool) -> None:
+    """The models table (or JSON); targets without a running agent are noted on stderr."""
+    for target in listing.skipped:
+        sys.stderr.write(f"{target}: no agent running (start it with `mle agent start --local`)\n")
+    if json_out:
+        render.print_json(listing.models)
+    elif not listing.models:
+        sys.stdout.write("no models deployed\n")
+    else:
+        rows = model_rows(listing.models)
+        render.print_table(rows, _columns(rows))
+
+
+def prediction_lines(prediction: Prediction) -> list[str]:
+    """The answer for a human: who answered, then each output (classes for a classifier)."""
+    from mle_cli.models.predict import classes
+
+    extra = ", ".join(f"{k}: {v}" for k, v in sorted(prediction.parameters.items()))
+    head = f"{prediction.model} v{prediction.version} answered on {prediction.target}"
+    lines = [head + (f" ({extra})" if extra else "")]
+    for name, array in prediction.outputs.items():
+        datatype = prediction.datatypes.get(name, array.dtype.name)
+        lines.append(f"{name}: {datatype} {list(array.shape)}")
+        found = classes(array)
+        if found is None:
+            lines.extend("  " + line for line in _values(array).splitlines())
+            continue
+        for row, cls in enumerate(found[:_MAX_ROWS]):
+            lines.append(f"  row {row}: class {cls} ({float(array[row, cls]):.3f})")
+        if len(found) > _MAX_ROWS:
+            lines.append(f"  ... {len(found) - _MAX_ROWS} more rows (--json prints every row)")
+    return lines
+
+
+def print_prediction(prediction: Prediction, json_out: bool) -> None:
+    """The prediction for a human, or {"model", "version", "outputs"} as JSON."""
+    if json_out:
+        render.print_json(prediction.to_dict())
+    else:
+        sys.stdout.write("\n".join(prediction_lines(prediction)) + "\n")
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """MODEL_COLUMNS without a target column for one target, nor a source column left empty."""
+    columns = list(MODEL_COLUMNS)
+    if len({row["target"] for row in rows}) == 1:
+        columns.remove("target")
+    if all(row["source_run"] is None for row in rows):
+        columns.remove("source_run")
+    return columns
+
+
+def _ms(seconds: float, requests: int) -> str | None:
+    return f"{seconds * 1000:.2f}" if requests else None
+
+
+def _values(array: Any) -> str:
+    import numpy as np
+
+    return str(np.array2string(array, precision=4, threshold=60, suppress_small=True))
