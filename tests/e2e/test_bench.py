@@ -112,3 +112,32 @@ def test_prefect_part_is_skipped_with_the_reason_when_prefect_is_absent(
     assert results.figures == {}
     assert "No module named 'prefect'" in results.skipped["prefect"]
     assert "pip install -e '.[bench]'" in results.skipped["prefect"]
+
+
+def test_serving_benchmark_measures_the_agent_against_the_floor_and_mlserver(
+    tmp_path: Path,
+) -> None:
+    peers = Path(os.environ.get("MLE_PEERS_DIR", REPO / ".peers")) / "bin" / "python"
+    if not peers.exists():
+        pytest.skip(f"no peers venv at {peers.parent.parent} (run scripts/peers.sh)")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLE_", "PYTEST_"))}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    env["PYTHONPATH"] = os.pathsep.join(str(REPO / d) for d in ("cli", "agent", "protos"))
+    out = tmp_path / "RESULTS.md"
+    argv = [sys.executable, str(REPO / "bench/serving.py"), "--seconds", "0.5", "--warmup", "0.2"]
+    proc = subprocess.run(
+        [*argv, "--concurrency", "2", "--peers-python", str(peers), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    for key in ("floor_p50_ms", "agent_p50_ms", "agent_rps", "mlserver_rps", "agent_idle_rss_mb"):
+        assert figures[key] > 0, key
+    assert figures["skipped"] == {}
+    assert "| requests/s, 2 client threads |" in out.read_text()
