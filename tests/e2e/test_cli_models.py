@@ -146,12 +146,12 @@ def _stats_reach_the_ledger(project: Project) -> None:
     assert by_version[1]["requests"] >= 1
     assert by_version[2]["requests"] >= 1
     rows = project.rows(
-        "SELECT step_id, value FROM metrics WHERE run_id = 'model:local/digits' "
-        "AND name = 'requests' ORDER BY step_id"
+        "SELECT version, requests FROM model_stats WHERE target = 'local' AND model = 'digits' "
+        "AND time = (SELECT MAX(time) FROM model_stats) ORDER BY version"
     )
-    assert [(r["step_id"], r["value"]) for r in rows] == [
-        ("v1", float(by_version[1]["requests"])),
-        ("v2", float(by_version[2]["requests"])),
+    assert [(r["version"], r["requests"]) for r in rows] == [
+        (1, by_version[1]["requests"]),
+        (2, by_version[2]["requests"]),
     ]
 
 

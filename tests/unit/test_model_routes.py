@@ -165,11 +165,14 @@ def test_deploy_lines() -> None:
     assert human_size(340_000) == "340.0 kB"
 
 
-def test_a_version_2_ledger_gains_the_deployments_table(tmp_path: Path) -> None:
+def test_a_version_2_ledger_gains_the_deployments_and_model_stats_tables(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     Ledger(path).close()
     conn = sqlite3.connect(path)
-    conn.executescript("DROP TABLE deployments; DROP INDEX artifacts_digest; PRAGMA user_version=2")
+    conn.executescript(
+        "DROP TABLE deployments; DROP TABLE model_stats; DROP INDEX artifacts_digest; "
+        "PRAGMA user_version=2"
+    )
     conn.close()
     Ledger(path).close()
     conn = sqlite3.connect(path)
@@ -177,6 +180,8 @@ def test_a_version_2_ledger_gains_the_deployments_table(tmp_path: Path) -> None:
     columns = {r[1] for r in conn.execute("PRAGMA table_info(deployments)")}
     assert {"target", "agent", "model", "version", "digest", "action", "route"} <= columns
     assert {"created", "source_run", "source_step", "operator", "uploaded"} <= columns
+    stats = {r[1] for r in conn.execute("PRAGMA table_info(model_stats)")}
+    assert {"time", "target", "model", "version", "requests", "errors", "p95_seconds"} <= stats
     conn.close()
 
 
@@ -206,17 +211,18 @@ def test_deployments_are_recorded_with_their_lineage(tmp_path: Path) -> None:
     ledger.close()
 
 
-def test_stats_snapshots_land_in_the_metrics_table(tmp_path: Path) -> None:
+def test_stats_snapshots_accumulate_in_the_model_stats_table(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
     deployments.record_model_stats(ledger, "local", "digits", 2, {"requests": 5, "errors": 1})
-    deployments.record_model_stats(ledger, "local", "digits", 2, {"requests": 7, "errors": 1})
+    deployments.record_model_stats(
+        ledger, "local", "digits", 2, {"requests": 7, "errors": 1, "p50_seconds": 0.002}
+    )
     rows = ledger.conn.execute(
-        "SELECT name, value FROM metrics WHERE run_id = ? AND step_id = ? ORDER BY name",
-        deployments.stats_scope("local", "digits", 2),
+        "SELECT requests, errors, p50_seconds, time FROM model_stats "
+        "WHERE target = 'local' AND model = 'digits' AND version = 2 ORDER BY time"
     ).fetchall()
-    values = dict(rows)
-    assert (values["requests"], values["errors"]) == (7.0, 1.0)
-    assert values["snapshot_time"] > 0
+    assert [r[:3] for r in rows] == [(5, 1, None), (7, 1, 0.002)]
+    assert rows[0][3] <= rows[1][3]
     ledger.close()
 
 

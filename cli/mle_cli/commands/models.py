@@ -129,7 +129,7 @@ def models(
 ) -> None:
     """List deployed models: versions, state, runtime, traffic, requests, errors, latency.
 
-    The stats read are also recorded in the ledger (metrics of `model:TARGET/NAME`).
+    The stats read are also appended to the ledger's model_stats table.
 
     Example: mle models --target local
     """

@@ -17,10 +17,21 @@ __all__ = [
     "deployments",
     "record_deployment",
     "record_model_stats",
-    "stats_scope",
 ]
 
 ACTIONS = ("deploy", "route", "rollback", "undeploy")
+_STATS = (
+    "requests",
+    "errors",
+    "p50_seconds",
+    "p95_seconds",
+    "p99_seconds",
+    "batches",
+    "shadow_requests",
+    "disagreements",
+    "fallbacks",
+    "since",
+)
 
 
 @dataclass(frozen=True)
@@ -103,18 +114,19 @@ def artifact_source(ledger: Ledger, digest: str) -> tuple[str, str] | None:
     return None if row is None else (str(row[0]), str(row[1]))
 
 
-def stats_scope(target: str, model: str, version: int) -> tuple[str, str]:
-    """The (run_id, step_id) pair a model version's stats are filed under in `metrics`.
-
-    Metrics rows are keyed by run and step; a served version is neither, so its stats use a
-    `model:` prefix no run id can have (run ids start with a date).
-    """
-    return f"model:{target}/{model}", f"v{version}"
-
-
 def record_model_stats(
-    ledger: Ledger, target: str, model: str, version: int, stats: Mapping[str, float]
+    ledger: Ledger,
+    target: str,
+    model: str,
+    version: int,
+    stats: Mapping[str, float],
+    at: float | None = None,
 ) -> None:
-    """Keep the latest stats snapshot of a model version in the metrics table."""
-    run_id, step_id = stats_scope(target, model, version)
-    ledger.record_metrics(run_id, step_id, {**stats, "snapshot_time": time.time()})
+    """Append a stats snapshot of a model version read at `at` (default: now); its counters are
+    totals since `since`."""
+    ledger.conn.execute(
+        "INSERT INTO model_stats (time, target, model, version, requests, errors, p50_seconds, "
+        "p95_seconds, p99_seconds, batches, shadow_requests, disagreements, fallbacks, since) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (at or time.time(), target, model, version, *(stats.get(c) for c in _STATS)),
+    )

@@ -103,7 +103,8 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, step_id)
     );
     """,
-    # 3: model deployments and route changes (`mle deploy`), with their lineage.
+    # 3: model deployments and route changes (`mle deploy`), with their lineage; served models'
+    # stats as read by `mle models` (a time series: one row per version per read).
     """
     CREATE TABLE deployments (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -126,6 +127,23 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX deployments_model ON deployments(target, model, time);
     CREATE INDEX artifacts_digest ON artifacts(digest);
+    CREATE TABLE model_stats (
+        time REAL NOT NULL,
+        target TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        p50_seconds REAL,
+        p95_seconds REAL,
+        p99_seconds REAL,
+        batches INTEGER,
+        shadow_requests INTEGER,
+        disagreements INTEGER,
+        fallbacks INTEGER,
+        since REAL
+    );
+    CREATE INDEX model_stats_version ON model_stats(target, model, version, time);
     """,
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,12 +120,18 @@ def _tensor(tensor: pb.TensorInfo) -> dict[str, Any]:
 
 def _record_stats(settings: Settings, models: list[dict[str, Any]]) -> None:
     ledger = Ledger(settings.ledger_path)
+    now = time.time()
     try:
         with ledger.transaction():
             for model in models:
                 for version in model["versions"]:
                     deployments.record_model_stats(
-                        ledger, model["target"], model["name"], version["version"], version["stats"]
+                        ledger,
+                        model["target"],
+                        model["name"],
+                        version["version"],
+                        version["stats"],
+                        at=now,
                     )
     finally:
         ledger.close()
