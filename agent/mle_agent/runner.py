@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ def task_environment(base: Mapping[str, str], spec: pb.TaskSpec, work_dir: Path)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so Python steps stream their lines as they go
     env.update(spec.env)
     env.update(task_marks(spec.task_id, work_dir))
+    # The agent's own interpreter: built-in steps run its tools with it
+    # (`"$MLE_PYTHON" -m mle_agent.tools...`), whatever `python3` is on the device's PATH.
+    env["MLE_PYTHON"] = sys.executable
     return env
 
 

@@ -418,7 +418,11 @@ def test_a_program_that_cannot_start_fails_the_task(tmp_path: Path) -> None:
 def test_task_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLE_AGENT_SECRET", "do-not-leak")
     argv = pb.Argv(
-        args=["/bin/sh", "-c", 'echo "$MLE_TASK_ID|$MLE_WORK_DIR|$FOO|$MLE_AGENT_SECRET"']
+        args=[
+            "/bin/sh",
+            "-c",
+            'echo "$MLE_TASK_ID|$MLE_WORK_DIR|$FOO|$MLE_AGENT_SECRET"; "$MLE_PYTHON" -c "print(1)"',
+        ]
     )
 
     async def scenario() -> None:
@@ -426,7 +430,7 @@ def test_task_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
             await agent.start("r.env.1", argv=argv, env={"FOO": "bar baz"})
             events = await agent.events("r.env.1")
             work_dir = agent.settings.work_root / "r.env.1"
-            assert _lines(events) == [f"r.env.1|{work_dir}|bar baz|"]
+            assert _lines(events) == [f"r.env.1|{work_dir}|bar baz|", "1"]
 
     run(scenario())
 
