@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mle_cli.commands import agent, history, models, run
+from mle_cli.commands import agent, bench, history, models, quantize, run
 
 __all__ = ["app", "main"]
 
@@ -55,6 +55,8 @@ def _root(
 run.register(app)
 history.register(app)
 models.register(app)
+quantize.register(app)
+bench.register(app)
 app.add_typer(agent.app, name="agent")
 
 

@@ -27,7 +27,8 @@ def run_list(ledger: Ledger, limit: int) -> list[dict[str, Any]]:
 
 
 def run_detail(ledger: Ledger, settings: Settings, run_ref: str | None) -> dict[str, Any]:
-    """A run with its steps, attempts, outputs (and where they are stored) and failures."""
+    """A run with its steps, attempts, outputs (and where they are stored), failures and the
+    deployments of the models it produced."""
     run_id = ledger.resolve_run(run_ref)
     run = ledger.run(run_id)
     run["duration"] = _elapsed(run)
@@ -49,6 +50,7 @@ def run_detail(ledger: Ledger, settings: Settings, run_ref: str | None) -> dict[
     run["steps"] = steps
     run["outputs"] = outputs
     run["failed"] = [_failure(s) for s in steps if s["status"] in _FAILED]
+    run["models"] = _models(ledger, run_id)
     return run
 
 
@@ -69,6 +71,13 @@ def follow_logs(
                     yield row
             return
         time.sleep(poll)
+
+
+def _models(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    """Deployments of the files the run produced (lazy: the models package pulls in grpc)."""
+    from mle_cli.models.lineage import run_models
+
+    return run_models(ledger, run_id)
 
 
 def _last_lines(ledger: Ledger, attempts: list[dict[str, Any]]) -> list[str]:

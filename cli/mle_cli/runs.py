@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from mle_cli import faults
+from mle_cli.deploying import AgentDeployer
 from mle_cli.executor import Executor
 from mle_cli.ledger import Ledger, LedgerWriter
 from mle_cli.planning import check_placement
@@ -175,6 +176,7 @@ async def execute_plan(
                 progress=progress,
                 options=options,
                 prior=prior,
+                deployer=AgentDeployer(settings),
             )
             return await _follow(settings, writer, scheduler, control)
         finally:

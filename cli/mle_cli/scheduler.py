@@ -1,5 +1,5 @@
 """Runs a Plan: dispatches ready steps in parallel, evaluates conditions, reuses cached results,
-runs the built-in gates, retries, and records every decision in the ledger.
+runs the built-in gates and deploys, retries, and records every decision in the ledger.
 
 The scheduler knows nothing about gRPC or about which agent is local: it asks `executor_for` for
 an Executor per target. The ledger is the source of truth: a step's outcome is committed before
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from mle_cli import faults, gates
 from mle_cli.attempts import AttemptRunner, result
+from mle_cli.deploying import Deployer, DeploySteps
 from mle_cli.errors import RecipeError
 from mle_cli.executor import Executor, TaskUpdate
 from mle_cli.ledger import Ledger, LedgerWriter
@@ -85,6 +86,7 @@ class Scheduler:
         progress: Progress,
         options: SchedulerOptions | None = None,
         prior: Mapping[str, PriorStep] | None = None,
+        deployer: Deployer | None = None,
     ) -> None:
         self.plan = plan
         self.run_id = run_id
@@ -117,6 +119,15 @@ class Scheduler:
             store=store,
             options=self._options,
             prior=self._prior,
+        )
+        self._deploys = DeploySteps(
+            plan,
+            run_id,
+            host=self,
+            outcomes=self._steps,
+            writer=writer,
+            store=store,
+            deployer=deployer,
         )
 
     def _initial(self, step: Step) -> StepOutcome:
@@ -265,6 +276,8 @@ class Scheduler:
                 await self._approve(step, outcome, context)
             elif step.uses == "mle/select":
                 self._select(step, outcome, context)
+            elif step.uses == "mle/deploy":
+                await self._deploys.run(step, outcome, context)
             else:
                 await self._tasks.run(step, outcome, context)
         except RecipeError as e:  # a template or condition that cannot be evaluated

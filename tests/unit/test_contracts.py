@@ -94,6 +94,8 @@ HEAVY = {
         ["deploy", "--help"],
         ["models", "--help"],
         ["predict", "--help"],
+        ["quantize", "--help"],
+        ["bench", "--help"],
     ],
 )
 def test_help_imports_nothing_heavy(args: list[str]) -> None:

@@ -72,7 +72,8 @@ def runs(
 
 
 def show(ctx: typer.Context, run: RunArg = None, json_out: JsonOpt = False) -> None:
-    """Show a run: steps, attempts, failures with their last lines, and where outputs are stored.
+    """Show a run: steps, attempts, failures with their last lines, where outputs are stored,
+    and the models it deployed (with what each version does now).
 
     Example: mle show 20261122-1530
     """
@@ -81,7 +82,13 @@ def show(ctx: typer.Context, run: RunArg = None, json_out: JsonOpt = False) -> N
 
     with _ledger(ctx) as ledger:
         detail = run_detail(ledger, settings_from(ctx), run)
-    (render.print_json if json_out else render.print_run)(detail)
+    if json_out:
+        render.print_json(detail)
+        return
+    from mle_cli.models.views import print_run_models
+
+    render.print_run(detail)
+    print_run_models(detail["models"])
 
 
 def logs(

@@ -125,14 +125,36 @@ def models(
         str | None,
         typer.Option("--target", "-t", help="Only this target; default: every running agent."),
     ] = None,
+    lineage: Annotated[
+        str | None,
+        typer.Option(
+            "--lineage",
+            help="Show what made a deployed version instead: NAME@VERSION (e.g. digits@3; "
+            "NAME alone: the latest). Read from the ledger; no agent is asked.",
+            metavar="NAME@VERSION",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List deployed models: versions, state, runtime, traffic, requests, errors, latency.
 
     The stats read are also appended to the ledger's model_stats table.
 
+    --lineage digits@3 shows the run, the step that made the file, the steps
+    before it back to the data (their input digests, outputs and metrics), and
+    where that file is deployed now.
+
     Example: mle models --target local
+
+    Example: mle models --lineage digits@3
     """
+    if lineage is not None:
+        from mle_cli.models.lineage import lineage_of
+        from mle_cli.models.views import print_lineage
+
+        print_lineage(lineage_of(settings_from(ctx), lineage, target), json_out)
+        return
     from mle_cli.models import list_models
     from mle_cli.models.views import print_models
 

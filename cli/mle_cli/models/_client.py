@@ -74,6 +74,12 @@ class ModelsClient:
             lambda: self._models.Route(request, metadata=self._metadata, timeout=DEPLOY_TIMEOUT)
         )
 
+    async def undeploy(self, request: pb.UndeployRequest) -> pb.ModelStatus:
+        """Models.Undeploy: one version, or (version 0) the whole model."""
+        return await self._call(
+            lambda: self._models.Undeploy(request, metadata=self._metadata, timeout=DEPLOY_TIMEOUT)
+        )
+
     async def models(self, name: str = "") -> list[pb.ModelStatus]:
         """Models.List: one model or all of them."""
         reply = await self._call(

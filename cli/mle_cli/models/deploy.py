@@ -2,6 +2,9 @@
 
 MODEL is a file (deploy a new version) or, when no such file exists, the name of a model the
 agent serves (change its route). Every successful change is recorded in the ledger.
+
+The async core (`deploy_file`, `rollback_route`, `undeploy_model`) works on an open client and
+returns the ledger record without writing it: `mle deploy` and the mle/deploy step share it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ from mle_proto.errors import InvalidInput, NotFound, UsageError
 from mle_proto.store import ArtifactStore
 from mle_proto.v1 import agent_pb2 as pb
 
-__all__ = ["DeployOptions", "DeployOutcome", "default_name", "deploy_model"]
+__all__ = [
+    "DeployOptions",
+    "DeployOutcome",
+    "ModelFile",
+    "default_name",
+    "deploy_file",
+    "deploy_model",
+    "rollback_route",
+    "undeploy_model",
+]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _SWAP = {"keep-old": pb.SWAP_MODE_KEEP_OLD, "unload-first": pb.SWAP_MODE_UNLOAD_FIRST}
@@ -71,6 +83,17 @@ class DeployOutcome:
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {**self.__dict__, "route": self.route.to_dict()}
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file in the project's artifact store, and the run and step that made it."""
+
+    digest: str
+    size: int
+    filename: str
+    source_run: str = ""
+    source_step: str = ""
 
 
 def default_name(path: Path) -> str:
@@ -117,34 +140,74 @@ def _check_route_options(options: DeployOptions) -> None:
 async def _deploy_file(
     settings: Settings, options: DeployOptions, path: Path
 ) -> tuple[DeployOutcome, DeploymentRecord]:
-    name = options.name or default_name(path)
-    if not _NAME.fullmatch(name):
-        raise UsageError(
-            f"invalid model name {name!r}: use lowercase letters, digits, '_', '.', '-'",
-            hint="" if options.name else "name it with --name",
-        )
+    name = check_model_name(options.name or default_name(path), given=bool(options.name))
     store = ArtifactStore(settings.artifacts_dir)
     try:
         digest, size = store.put_file(path)
     except OSError as e:
         raise InvalidInput(f"cannot read {path}: {e.strerror or e}") from None
-    source = _lineage(settings, digest)
+    source_run, source_step = _lineage(settings, digest)
+    model = ModelFile(digest, size, path.name, source_run, source_step)
     endpoint = resolve_target(options.target, settings)
     async with open_client(endpoint, settings.rpc_timeout) as client:
-        uploaded = await _ship(endpoint, settings, digest, store)
-        request = pb.DeployRequest(
-            name=name,
-            version=options.version,
-            digest=digest,
-            filename=path.name,
-            swap=_SWAP[options.swap],
-            batching=_batching(options),
-            canary_percent=options.route.canary,
-            source_run=source[0],
-            source_step=source[1],
+        return await deploy_file(
+            client, endpoint, settings, store, model, replace(options, name=name)
         )
-        reply = await client.deploy(request)
-    return _deployed(client, reply, request, size, uploaded)
+
+
+def check_model_name(name: str, *, given: bool = True) -> str:
+    """The name, if a model may have it; UsageError otherwise."""
+    if not _NAME.fullmatch(name):
+        raise UsageError(
+            f"invalid model name {name!r}: use lowercase letters, digits, '_', '.', '-'",
+            hint="" if given else "name it with --name",
+        )
+    return name
+
+
+async def deploy_file(
+    client: ModelsClient,
+    endpoint: Endpoint,
+    settings: Settings,
+    store: ArtifactStore,
+    model: ModelFile,
+    options: DeployOptions,
+) -> tuple[DeployOutcome, DeploymentRecord]:
+    """Ship a stored model file to the client's agent (unless it holds it) and deploy it."""
+    uploaded = await _ship(endpoint, settings, model.digest, store)
+    request = pb.DeployRequest(
+        name=options.name or default_name(Path(model.filename)),
+        version=options.version,
+        digest=model.digest,
+        filename=model.filename,
+        swap=_SWAP[options.swap],
+        batching=_batching(options),
+        canary_percent=options.route.canary,
+        source_run=model.source_run,
+        source_step=model.source_step,
+    )
+    reply = await client.deploy(request)
+    return _deployed(client, reply, request, model.size, uploaded)
+
+
+async def rollback_route(client: ModelsClient, name: str) -> tuple[DeployOutcome, DeploymentRecord]:
+    """Return a model to the route it had before the current one."""
+    reply = await client.route(pb.RouteRequest(name=name, rollback=True))
+    return _route_changed(client, reply, "rollback")
+
+
+async def undeploy_model(client: ModelsClient, name: str) -> tuple[DeployOutcome, DeploymentRecord]:
+    """Stop serving a model and remove all its versions from the agent."""
+    await client.undeploy(pb.UndeployRequest(name=name))
+    outcome = DeployOutcome("undeploy", client.target, name, 0, RouteSpec())
+    record = DeploymentRecord(
+        target=client.target,
+        agent=client.agent,
+        model=name,
+        action="undeploy",
+        operator=operator_name(),
+    )
+    return outcome, record
 
 
 async def _ship(endpoint: Endpoint, settings: Settings, digest: str, store: ArtifactStore) -> int:
@@ -221,12 +284,15 @@ async def _change_route(
                 "(--version, --canary, --shadow, --policy or --rollback)"
             )
         if options.rollback:
-            request = pb.RouteRequest(name=status.name, rollback=True)
-        else:
-            route = _planned(status, options.route, client.target)
-            request = pb.RouteRequest(name=status.name, route=route_to_pb(route))
-        reply = await client.route(request)
-    action = "rollback" if options.rollback else "route"
+            return await rollback_route(client, status.name)
+        route = _planned(status, options.route, client.target)
+        reply = await client.route(pb.RouteRequest(name=status.name, route=route_to_pb(route)))
+    return _route_changed(client, reply, "route")
+
+
+def _route_changed(
+    client: ModelsClient, reply: pb.ModelStatus, action: str
+) -> tuple[DeployOutcome, DeploymentRecord]:
     route = route_from_pb(reply.route)
     outcome = DeployOutcome(action, client.target, reply.name, route.primary, route)
     record = DeploymentRecord(

@@ -7,7 +7,7 @@ written to stdout as data.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mle_cli import render
@@ -22,11 +22,14 @@ __all__ = [
     "MODEL_COLUMNS",
     "deploy_line",
     "human_size",
+    "lineage_lines",
     "model_rows",
     "prediction_lines",
     "print_deployed",
+    "print_lineage",
     "print_models",
     "print_prediction",
+    "print_run_models",
 ]
 
 MODEL_COLUMNS = (
@@ -137,6 +140,106 @@ def print_prediction(prediction: Prediction, json_out: bool) -> None:
         render.print_json(prediction.to_dict())
     else:
         sys.stdout.write("\n".join(prediction_lines(prediction)) + "\n")
+
+
+def lineage_lines(lineage: Mapping[str, Any]) -> list[str]:
+    """`mle models --lineage`: the version, where it serves, then the run and steps behind it."""
+    head = f"{lineage['model']} v{lineage['version']}: {lineage['file'] or 'a model file'}"
+    details = [_short(lineage["digest"]), human_size(lineage["size"] or 0), lineage["runtime"]]
+    lines = [f"{head} ({', '.join(d for d in details if d)})"]
+    for d in lineage["deployments"]:
+        lines.append(f"  deployed on {d['target']} {render.ago(d['time'])} by {d['operator']}")
+    for p in lineage["placements"]:
+        route = f" (route: {p['route']})" if p["route"] else ""
+        lines.append(f"  now on {p['target']}: {p['model']} v{p['version']} {p['state']}{route}")
+    source = lineage["source"]
+    if source is None:
+        what = f"{lineage['file'] or 'a file'} ({lineage['digest']})"
+        lines.append(f"deployed by hand from {what}: no run in this ledger produced that file")
+        return lines
+    lines.append(f"made by run {source['run']}, step {source['step']}")
+    if lineage["missing"]:
+        return [*lines, "  " + lineage["missing"]]
+    return lines + _run_lines(lineage["run"], lineage["files"]) + _chain_lines(lineage["steps"])
+
+
+def print_lineage(lineage: Mapping[str, Any], json_out: bool) -> None:
+    """The lineage for a human, or as JSON."""
+    if json_out:
+        render.print_json(lineage)
+    else:
+        text = "\n".join(render.printable(line) for line in lineage_lines(lineage))
+        sys.stdout.write(text + "\n")
+
+
+def print_run_models(models: Sequence[Mapping[str, Any]]) -> None:
+    """`mle show`'s Models section: the run's deployments and what each version does now."""
+    if not models:
+        return
+    sys.stdout.write("models (deployments of files this run produced):\n")
+    rows = [
+        {
+            "model": m["model"],
+            "ver": m["version"],
+            "target": m["target"],
+            "action": m["action"],
+            "step": m["step"],
+            "file": m["file"],
+            "now": m["now"],
+        }
+        for m in models
+    ]
+    render.print_table(rows, ["model", "ver", "target", "action", "step", "file", "now"])
+
+
+def _run_lines(run: Mapping[str, Any], files: Mapping[str, str]) -> list[str]:
+    took = render.duration(run["finished"] - run["started"]) if run["finished"] else "-"
+    lines = [
+        f"  run {run['id']}: {run['recipe']} ({run['source']}) {run['status']}, "
+        f"started {render.ago(run['started'] or run['created'])}, took {took}"
+    ]
+    if run["params"]:
+        lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in run["params"].items()))
+    if files:
+        lines.append("  shipped files: " + _digests(files))
+    return lines
+
+
+def _chain_lines(steps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each step from the data to the model: command, inputs, outputs, metrics."""
+    lines = ["steps, from the data to the model:"] if steps else []
+    for step in steps:
+        how = f"(uses {step['uses']})" if step["uses"] else f"on {step['target']}"
+        made = f", made {step['made']}" if step["made"] else ""
+        cached = f" (cached from {step['cached_from']})" if step["cached_from"] else ""
+        lines.append(f"  {step['step']}: {step['status']} {how}{cached}{made}")
+        if step["command"]:
+            lines.append(f"    $ {step['command']}")
+        if step.get("candidates"):
+            metric = step.get("selected_by") or "metric"
+            shown = ", ".join(f"{c} ({metric}={v})" for c, v in step["candidates"].items())
+            lines.append(f"    picked {step['metrics'].get('selected')} among {shown}")
+        if step["inputs"]:
+            lines.append("    inputs: " + _digests(step["inputs"]))
+        if step["outputs"]:
+            outputs = {o["path"]: o["digest"] for o in step["outputs"]}
+            lines.append("    outputs: " + _digests(outputs))
+        shown_metrics = {k: v for k, v in step["metrics"].items() if k != "selected"}
+        if shown_metrics:
+            lines.append("    metrics: " + ", ".join(f"{k}={v}" for k, v in shown_metrics.items()))
+    return lines
+
+
+def _digests(paths: Mapping[str, str]) -> str:
+    return ", ".join(f"{path} {_short(digest)}" for path, digest in sorted(paths.items()))
+
+
+def _short(digest: str | None) -> str:
+    """`sha256:0b7c6c7d5160` (12 hex digits: enough to tell files apart on screen)."""
+    if not digest:
+        return ""
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{algorithm}:{hexdigest[:12]}" if hexdigest else digest[:12]
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:

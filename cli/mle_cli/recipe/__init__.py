@@ -7,6 +7,7 @@ points at `file:line:col: key.path:`.
 from __future__ import annotations
 
 from mle_cli.recipe._compiler import compile_recipe
+from mle_cli.recipe._deploy import DEPLOY, DeploySpec, OptionProblem, deploy_spec
 from mle_cli.recipe._durations import parse_duration
 from mle_cli.recipe._expressions import evaluate_when
 from mle_cli.recipe._params import parse_overrides
@@ -23,6 +24,9 @@ from mle_cli.recipe.plan import (
 )
 
 __all__ = [
+    "DEPLOY",
+    "DeploySpec",
+    "OptionProblem",
     "ParamValue",
     "Plan",
     "RenderedStep",
@@ -31,6 +35,7 @@ __all__ = [
     "SourceLocation",
     "Step",
     "compile_recipe",
+    "deploy_spec",
     "evaluate_when",
     "parse_duration",
     "parse_overrides",

@@ -35,9 +35,10 @@ def compile_recipe(path: Path, overrides: Mapping[str, str] | None = None) -> Pl
     defaults = parse_defaults(doc, data.get("defaults"))
     parsed = expand_steps(doc, parse_steps(doc, data.get("steps"), defaults))
     ordered = order_steps(doc, parsed)
-    check_builtins(doc, [p.step for p in ordered], {p.step.id: p.need_paths for p in ordered})
-    _check_references(doc, params, defaults, ordered)
     files = ship_files(doc, data.get("files"))
+    need_paths = {p.step.id: p.need_paths for p in ordered}
+    check_builtins(doc, [p.step for p in ordered], need_paths, files)
+    _check_references(doc, params, defaults, ordered)
     check_outputs(doc, parsed, files)
     return Plan(
         name=name,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from mle_cli.recipe._durations import duration_problem, to_seconds
 from mle_cli.recipe._loader import Document, KeyPath, describe
+from mle_proto.errors import InvalidInput
+from mle_proto.store import check_relative_path
 
 __all__ = [
     "NOT_YET",
@@ -19,6 +22,7 @@ __all__ = [
     "expect_str",
     "scalar_text",
     "text_list",
+    "work_path",
 ]
 
 NOT_YET = "is not supported yet by this version of mle"
@@ -107,6 +111,17 @@ def duration_value(doc: Document, path: KeyPath, value: object) -> float:
     if isinstance(value, list | dict) or value is None:
         raise doc.error(path, f"expected a duration (e.g. 90s, 30m, 2h), got {describe(value)}")
     raise doc.error(path, duration_problem(doc.texts.get(path, str(value))))
+
+
+def work_path(doc: Document, path: KeyPath, text: str, what: str) -> str:
+    """A path inside the work dir, normalized, or an error saying how it fails."""
+    try:
+        return str(check_relative_path(text))
+    except InvalidInput:
+        pure = PurePosixPath(text)
+        escapes = text and (pure.is_absolute() or ".." in pure.parts)
+        problem = "escapes the work dir" if escapes else "is not a valid path in the work dir"
+        raise doc.error(path, f"{what} {text!r} {problem}") from None
 
 
 def _indexed(path: KeyPath, items: list[object]) -> list[tuple[KeyPath, object]]:

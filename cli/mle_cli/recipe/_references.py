@@ -85,11 +85,15 @@ def has_metrics(step: Step) -> bool:
     return step.metrics is not None or step.uses == SELECT
 
 
-def produced(steps: Mapping[str, Step], step: Step) -> tuple[str, ...]:
-    """The paths a step places in its dependants' work dirs (mle/select: its candidates' ones)."""
+def produced(steps: Mapping[str, Step], step: Step, passed_on: bool = False) -> tuple[str, ...]:
+    """The paths a step places in its dependants' work dirs (mle/select: its candidates' ones).
+
+    With `passed_on`, mle/approve passes on its needs' paths too (the same files: no clash)."""
+    if step.uses == APPROVE and passed_on:
+        return _unique(p for need in step.needs for p in produced(steps, steps[need], True))
     if step.uses != SELECT:
         return step.outputs
-    return _unique(path for need in step.needs for path in produced(steps, steps[need]))
+    return _unique(p for need in step.needs for p in produced(steps, steps[need], passed_on))
 
 
 def dotted(parts: Iterable[str | int]) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from mle_cli.recipe._builtins import parse_options, parse_uses
+from mle_cli.recipe._deploy import DEPLOY
 from mle_cli.recipe._fields import (
     NOT_YET,
     TemplateSource,
@@ -18,12 +18,12 @@ from mle_cli.recipe._fields import (
     expect_str,
     scalar_text,
     text_list,
+    work_path,
 )
 from mle_cli.recipe._loader import Document, KeyPath, describe
 from mle_cli.recipe._matrix import Axis, parse_matrix
+from mle_cli.recipe._tasks import TASK_BUILTINS, TaskCommand, compile_task
 from mle_cli.recipe.plan import RetryPolicy, Step
-from mle_proto.errors import InvalidInput
-from mle_proto.store import check_relative_path
 
 __all__ = ["Defaults", "ParsedStep", "TemplateSource", "parse_defaults", "parse_steps"]
 
@@ -43,8 +43,8 @@ STEP_KEYS = (
     "timeout",
     "cache",
     "on",
+    "each",
 )
-LATER_STEP_KEYS = ("each",)
 TRIGGERS = ("all-succeeded", "none-failed", "all-done")
 DEFAULT_KEYS = ("retries", "timeout", "env")
 RETRY_KEYS = ("max", "backoff", "factor", "max_delay")
@@ -104,11 +104,14 @@ def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) 
     path: KeyPath = ("steps", step_id)
     body = _step_body(doc, path, step_id, value)
     uses = parse_uses(doc, path, body)
-    run, argv, command = (None, None, ()) if uses else _command(doc, path, body)
+    task = compile_task(doc, path, uses, body.get("with")) if uses in TASK_BUILTINS else None
+    run, argv, command = _command(doc, path, body, task) if task or not uses else (None, None, ())
     options, option_templates = parse_options(doc, path, body, uses)
     needs = text_list(doc, (*path, "needs"), body.get("needs"), "a step id or a list of them")
-    outputs = _outputs(doc, (*path, "outputs"), body.get("outputs"))
-    metrics = _metrics(doc, (*path, "metrics"), body.get("metrics"), outputs)
+    outputs = list(task.outputs) if task else _outputs(doc, (*path, "outputs"), body.get("outputs"))
+    metrics = (
+        task.metrics if task else _metrics(doc, (*path, "metrics"), body.get("metrics"), outputs)
+    )
     env, env_templates = _env(doc, (*path, "env"), body.get("env"))
     retries = _retries(doc, (*path, "retries"), body.get("retries"))
     step = Step(
@@ -125,9 +128,10 @@ def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) 
         when=_when(doc, (*path, "when"), body.get("when")),
         trigger=_trigger(doc, (*path, "trigger"), body.get("trigger")),
         metrics=metrics,
-        uses=uses,
+        uses=None if task else uses,  # a task built-in is an ordinary command step from here on
         options=options,
         cache=_cache(doc, (*path, "cache"), body.get("cache")),
+        each=_each(doc, path, body, uses),
     )
     axes = parse_matrix(doc, (*path, "matrix"), body["matrix"]) if "matrix" in body else ()
     need_paths = tuple(p for p, _ in needs)
@@ -147,14 +151,16 @@ def _step_body(doc: Document, path: KeyPath, step_id: str, value: object) -> dic
     if not isinstance(value, dict):
         message = f"expected a step (a mapping with 'run' or 'argv'), got {describe(value)}"
         raise doc.error(path, message)
-    check_keys(doc, path, value, STEP_KEYS, LATER_STEP_KEYS)
+    check_keys(doc, path, value, STEP_KEYS)
     return value
 
 
 def _command(
-    doc: Document, path: KeyPath, body: dict[str, object]
+    doc: Document, path: KeyPath, body: dict[str, object], task: TaskCommand | None = None
 ) -> tuple[str | None, tuple[str, ...] | None, tuple[TemplateSource, ...]]:
-    """(run, argv, templates): exactly one of `run:` and `argv:`."""
+    """(run, argv, templates): exactly one of `run:` and `argv:`, or a task built-in's command."""
+    if task is not None:
+        return task.run, None, task.templates
     if "run" in body and "argv" in body:
         raise doc.error(
             (*path, "argv"), "use either 'run' or 'argv', not both", at_key=True, label=path
@@ -185,7 +191,7 @@ def _outputs(doc: Document, path: KeyPath, value: object) -> list[tuple[KeyPath,
     outputs: list[tuple[KeyPath, str]] = []
     seen: set[str] = set()
     for item, text in text_list(doc, path, value, "a path or a list of paths"):
-        normal = _work_path(doc, item, text, "output path")
+        normal = work_path(doc, item, text, "output path")
         if normal in seen:
             raise doc.error(item, f"output {normal!r} is listed twice")
         seen.add(normal)
@@ -200,21 +206,10 @@ def _metrics(
     if value is None:
         return None
     text = expect_str(doc, path, value, "a path to a JSON file, e.g. metrics.json")
-    normal = _work_path(doc, path, text, "metrics path")
+    normal = work_path(doc, path, text, "metrics path")
     if normal not in {output for _, output in outputs}:
         outputs.append((path, normal))
     return normal
-
-
-def _work_path(doc: Document, path: KeyPath, text: str, what: str) -> str:
-    """A path inside the work dir, normalized, or an error saying how it fails."""
-    try:
-        return str(check_relative_path(text))
-    except InvalidInput:
-        pure = PurePosixPath(text)
-        escapes = text and (pure.is_absolute() or ".." in pure.parts)
-        problem = "escapes the work dir" if escapes else "is not a valid path in the work dir"
-        raise doc.error(path, f"{what} {text!r} {problem}") from None
 
 
 def _env(
@@ -326,6 +321,20 @@ def _trigger(doc: Document, path: KeyPath, value: object) -> str:
         message = f"expected all-succeeded, none-failed or all-done, got {text!r}"
         raise doc.error(path, message, suggestion=closest(text, TRIGGERS))
     return text
+
+
+def _each(doc: Document, path: KeyPath, body: dict[str, object], uses: str | None) -> bool:
+    """`each: true`: once per matching target; mle/deploy takes it (the gates refuse it earlier)."""
+    if "each" not in body:
+        return False
+    where = (*path, "each")
+    if uses != DEPLOY:
+        message = f"'each' on a step that runs a command {NOT_YET} (mle/deploy takes it)"
+        raise doc.error(where, message, at_key=True, label=path)
+    value = body["each"]
+    if not isinstance(value, bool):
+        raise doc.error(where, f"expected true or false, got {describe(value)}")
+    return value
 
 
 def _cache(doc: Document, path: KeyPath, value: object) -> bool:

@@ -88,9 +88,10 @@ class Step:
     when: str | None = None  # expression source, checked at compile time, evaluated at dispatch
     trigger: str = "all-succeeded"  # all-succeeded | none-failed | all-done
     metrics: str | None = None  # work-dir path of the step's JSON metrics file
-    uses: str | None = None  # a built-in step: "mle/approve", "mle/select"
+    uses: str | None = None  # an operator-side built-in: mle/approve, mle/select, mle/deploy
     options: Mapping[str, ParamValue] = field(default_factory=dict)  # `with:` (template sources)
     cache: bool = True
+    each: bool = False  # once per target matching `target` (mle/deploy)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ def _step_data(step: Step) -> dict[str, Any]:
         "uses": step.uses,
         "options": _pairs(step.options),
         "cache": step.cache,
+        "each": step.each,
     }
 
 
@@ -209,4 +211,5 @@ def _step_from(data: dict[str, Any]) -> Step:
         uses=data["uses"],
         options=dict(data["options"]),
         cache=data["cache"],
+        each=data.get("each", False),  # plans stored before `each` existed
     )
