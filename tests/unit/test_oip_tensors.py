@@ -278,10 +278,25 @@ def test_json_outputs_binary_or_inline() -> None:
     assert parts == [y.tobytes()]
 
 
+def test_json_outputs_write_nan_and_infinities_as_null() -> None:
+    y = np.array([[np.nan, -np.inf, 0.5, np.inf]], np.float32)
+    entries, _ = encode_json_outputs({"y": y}, lambda name: False)
+    assert entries[0]["data"] == [None, None, 0.5, None]
+    json.dumps(entries, allow_nan=False)  # valid JSON: no NaN or Infinity token
+
+
+def test_json_inputs_give_up_their_data_lists_once_converted() -> None:
+    tensor = {"name": "a", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}
+    arrays = decode_json_inputs([tensor])
+    assert arrays["a"].tolist() == [1.0, 2.0]
+    assert "data" not in tensor  # the Python list can be freed before inference runs
+
+
 def test_versions_and_requested_outputs() -> None:
     assert parse_version("") is None
     assert parse_version("12") == 12
-    for bad in ("0", "-1", "v1", "1.5", "٣"):
+    assert parse_version("4294967295") == 2**32 - 1
+    for bad in ("0", "-1", "v1", "1.5", "٣", "9" * 11, "9" * 5000):
         with pytest.raises(InvalidInput, match="model version must be a positive integer"):
             parse_version(bad)
     assert requested_outputs([("b", {}), ("a", {"binary_data": True})]) == ("b", "a")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mle_agent.serving.routing import (
     bucket_of,
     pick,
     validate_route,
+    vote_kind,
 )
 from mle_agent.serving.stats import VersionCounters
 from mle_proto.errors import AlreadyExists, InvalidInput, NotFound
@@ -86,6 +88,50 @@ def test_route_validation_names_the_problem() -> None:
     assert Route(CONSENSUS, members=(1, 2, 3), shadow=4).describe() == (
         "consensus of 1,2,3, shadow 4"
     )
+
+
+@pytest.mark.parametrize("deadline", [math.inf, -math.inf, math.nan, -0.5, 60.001, 1e300])
+def test_a_fallback_deadline_must_be_finite_and_at_most_a_minute(deadline: float) -> None:
+    route = Route(FALLBACK, ((1, 100.0),), secondary=2, deadline_seconds=deadline)
+    with pytest.raises(InvalidInput, match="deadline must be more than 0 and at most 60 seconds"):
+        validate_route("m", route, {1, 2})
+
+
+def test_fallback_deadlines_up_to_a_minute_are_fine() -> None:
+    for deadline in (0.0005, 1.0, 60.0):
+        route = Route(FALLBACK, ((1, 100.0),), secondary=2, deadline_seconds=deadline)
+        validate_route("m", route, {1, 2})
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        (TensorSpec("label", "INT64", (-1,)), "label"),
+        (TensorSpec("label", "UINT8", (1,)), "label"),
+        (TensorSpec("p", "FP32", (-1, 10)), "scores"),
+        (TensorSpec("p", "FP16", (1, -1)), "scores"),
+        (TensorSpec("p", "FP32", (-1,)), ""),  # a regression value: nothing to vote on
+        (TensorSpec("p", "FP32", (-1, 1)), ""),  # one column: every member always agrees
+        (TensorSpec("p", "FP32", (-1, 3, 3)), ""),
+        (TensorSpec("p", "BOOL", (-1, 4)), ""),
+        (TensorSpec("p", "INT64", ()), ""),
+    ],
+)
+def test_consensus_votes_on_class_labels_or_class_scores(spec: TensorSpec, kind: str) -> None:
+    assert vote_kind(spec) == kind
+    outputs = {1: (spec,), 2: (spec,)}
+    route = Route(CONSENSUS, members=(1, 2))
+    if kind:
+        validate_route("m", route, {1, 2}, outputs=outputs)
+    else:
+        with pytest.raises(InvalidInput, match="consensus votes on the first output"):
+            validate_route("m", route, {1, 2}, outputs=outputs)
+
+
+def test_the_primary_of_an_even_split_is_the_newest_version() -> None:
+    assert Route(split=((1, 50.0), (2, 50.0))).primary == 2
+    assert Route(split=((2, 50.0), (1, 50.0))).primary == 2
+    assert Route(split=((1, 60.0), (2, 40.0))).primary == 1
 
 
 def test_percentiles_are_estimated_within_their_bucket() -> None:

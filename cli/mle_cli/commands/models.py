@@ -15,6 +15,7 @@ TargetOpt = Annotated[
     str,
     typer.Option("--target", "-t", help="Where: a target name (e.g. local).", show_default=False),
 ]
+MAX_UINT32 = 2**32 - 1  # versions and batch sizes travel as uint32
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
@@ -40,6 +41,7 @@ def deploy(
             help="File: the version to deploy as (default: the next one). "
             "Name: the version to route to (with --canary: the canary).",
             min=0,
+            max=MAX_UINT32,
         ),
     ] = 0,
     canary: Annotated[
@@ -54,7 +56,10 @@ def deploy(
         ),
     ] = "keep-old",
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Dynamic batching: largest batch.", min=0)
+        int,
+        typer.Option(
+            "--batch-size", help="Dynamic batching: largest batch.", min=0, max=MAX_UINT32
+        ),
     ] = 0,
     batch_delay: Annotated[
         str | None,
@@ -176,7 +181,13 @@ def predict(
         ),
     ],
     version: Annotated[
-        int, typer.Option("--version", help="Ask this version (default: the route decides).")
+        int,
+        typer.Option(
+            "--version",
+            help="Ask this version (default: the route decides).",
+            min=0,
+            max=MAX_UINT32,
+        ),
     ] = 0,
     json_out: JsonOpt = False,
 ) -> None:

@@ -12,6 +12,7 @@ from mle_cli.ledger._ledger import Ledger, Row
 
 __all__ = [
     "ACTIONS",
+    "STATS",
     "DeploymentRecord",
     "artifact_source",
     "deployments",
@@ -20,7 +21,8 @@ __all__ = [
 ]
 
 ACTIONS = ("deploy", "route", "rollback", "undeploy")
-_STATS = (
+# The per-version stats kept in model_stats (VersionStats field names).
+STATS = (
     "requests",
     "errors",
     "p50_seconds",
@@ -128,5 +130,5 @@ def record_model_stats(
         "INSERT INTO model_stats (time, target, model, version, requests, errors, p50_seconds, "
         "p95_seconds, p99_seconds, batches, shadow_requests, disagreements, fallbacks, since) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (at or time.time(), target, model, version, *(stats.get(c) for c in _STATS)),
+        (at or time.time(), target, model, version, *(stats.get(c) for c in STATS)),
     )

@@ -43,7 +43,7 @@ __all__ = [
     "undeploy_model",
 ]
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # as the agent checks it
 _SWAP = {"keep-old": pb.SWAP_MODE_KEEP_OLD, "unload-first": pb.SWAP_MODE_UNLOAD_FIRST}
 _DEFAULT_BATCH_DELAY = 0.005
 

@@ -110,6 +110,8 @@ def _read_json(path: Path) -> dict[str, Array]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InvalidInput(f"{path}: not valid JSON ({_first_line(e)})") from None
+    except RecursionError:
+        raise InvalidInput(f"{path}: JSON nested too deeply") from None
     if isinstance(data, list):
         return {UNNAMED: _array(path, UNNAMED, data)}
     if not isinstance(data, dict):

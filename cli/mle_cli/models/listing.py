@@ -18,18 +18,6 @@ from mle_proto.v1 import agent_pb2 as pb
 __all__ = ["Listing", "list_models", "model_dict"]
 
 # Stats copied into the ledger, as the agent reports them (seconds, counts).
-_LEDGER_STATS = (
-    "requests",
-    "errors",
-    "p50_seconds",
-    "p95_seconds",
-    "p99_seconds",
-    "batches",
-    "shadow_requests",
-    "disagreements",
-    "fallbacks",
-    "since",
-)
 
 
 @dataclass(frozen=True)
@@ -101,7 +89,7 @@ def _version_dict(version: pb.VersionStatus) -> dict[str, Any]:
         "batching": _batching(version.batching),
         "inputs": [_tensor(t) for t in version.inputs],
         "outputs": [_tensor(t) for t in version.outputs],
-        "stats": {name: getattr(stats, name) for name in _LEDGER_STATS},
+        "stats": {name: getattr(stats, name) for name in deployments.STATS},
     }
 
 

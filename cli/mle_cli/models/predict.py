@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     Array = npt.NDArray[np.generic]
 
-__all__ = ["Prediction", "classes", "predict"]
+__all__ = ["Prediction", "classes", "infer_request", "predict", "reply_outputs"]
 
 # Which typed `contents` field carries each numpy dtype when an agent does not answer raw bytes.
 _CONTENTS = {
@@ -81,19 +81,19 @@ async def _predict(
     async with open_client(endpoint, settings.rpc_timeout) as client:
         metadata = await client.metadata(name, wanted)
         specs = [TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs]
-        request = _request(name, wanted, fit_inputs(arrays, specs))
+        request = infer_request(name, wanted, fit_inputs(arrays, specs))
         reply = await client.infer(request)
     return Prediction(
         target=client.target,
         model=reply.model_name or name,
         version=reply.model_version,
-        outputs=_outputs(reply),
+        outputs=reply_outputs(reply),
         datatypes={o.name: o.datatype for o in reply.outputs},
         parameters={k: _parameter(v) for k, v in reply.parameters.items()},
     )
 
 
-def _request(name: str, version: str, inputs: Mapping[str, Array]) -> oip.ModelInferRequest:
+def infer_request(name: str, version: str, inputs: Mapping[str, Array]) -> oip.ModelInferRequest:
     dtypes = {numpy_name: oip_name for oip_name, numpy_name in DATATYPES.items()}
     request = oip.ModelInferRequest(model_name=name, model_version=version, id=uuid.uuid4().hex)
     for input_name, array in inputs.items():
@@ -102,7 +102,7 @@ def _request(name: str, version: str, inputs: Mapping[str, Array]) -> oip.ModelI
     return request
 
 
-def _outputs(reply: oip.ModelInferResponse) -> dict[str, Array]:
+def reply_outputs(reply: oip.ModelInferResponse) -> dict[str, Array]:
     np = require_numpy()
     outputs = {}
     for i, tensor in enumerate(reply.outputs):

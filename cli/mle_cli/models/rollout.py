@@ -26,7 +26,7 @@ from mle_cli.models.deploy import (
     undeploy_model,
 )
 from mle_cli.models.inputs import UNNAMED, TensorInfo, fit_inputs, require_numpy
-from mle_cli.models.predict import _outputs, _request, classes
+from mle_cli.models.predict import classes, infer_request, reply_outputs
 from mle_cli.models.routes import RouteChange
 from mle_cli.settings import Settings
 from mle_cli.targets import Endpoint, resolve_target
@@ -295,8 +295,8 @@ async def _smoke_test(
     predicted: list[int] = []
     for start in range(0, len(smoke.labels), rows):
         part = {k: v[start : start + rows] for k, v in smoke.feed.items()}
-        reply = await client.infer(_request(name, version, fit_inputs(part, specs)))
-        outputs = _outputs(reply)
+        reply = await client.infer(infer_request(name, version, fit_inputs(part, specs)))
+        outputs = reply_outputs(reply)
         labels = classes(outputs[reply.outputs[0].name]) if reply.outputs else None
         if labels is None:
             raise InvalidInput(

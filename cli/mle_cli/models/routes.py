@@ -9,7 +9,6 @@ the primary), `--rollback` is the agent's own history.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,6 +17,7 @@ from mle_proto.errors import NotFound, UsageError
 from mle_proto.v1 import agent_pb2 as pb
 
 __all__ = [
+    "MAX_DELAY",
     "POLICIES",
     "RouteChange",
     "RouteSpec",
@@ -33,13 +33,14 @@ __all__ = [
     "traffic",
 ]
 
+MAX_DELAY = 60.0  # seconds: the agent refuses longer fallback deadlines too
+
 POLICIES = ("split", "fallback", "consensus")
 _POLICY_PB = {
     "split": pb.ROUTE_POLICY_SPLIT,
     "fallback": pb.ROUTE_POLICY_FALLBACK,
     "consensus": pb.ROUTE_POLICY_CONSENSUS,
 }
-_DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s)?")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,10 @@ class RouteSpec:
 
     @property
     def primary(self) -> int:
-        """The version with the largest share (consensus: the first member; 0 = none)."""
+        """The version with the largest share, the newest on a tie, as the agent decides
+        (consensus: the first member; 0 = none)."""
         if self.split:
-            return max(self.split, key=lambda vw: (vw[1], -vw[0]))[0]
+            return max(self.split, key=lambda vw: (vw[1], vw[0]))[0]
         return self.members[0] if self.members else 0
 
     def percent(self, version: int) -> float:
@@ -194,11 +196,14 @@ def parse_percent(text: str) -> float:
 
 
 def parse_delay(text: str, option: str) -> float:
-    """`20ms`, `0.5s` or bare seconds -> seconds (> 0)."""
-    match = _DELAY.fullmatch(text.strip())
-    value = float(match.group(1)) * (0.001 if match.group(2) == "ms" else 1.0) if match else 0.0
-    if value <= 0:
-        raise UsageError(f"invalid {option} {text!r}: use a duration such as 20ms or 0.5s")
+    """`20ms`, `0.5s` or bare seconds -> seconds, above 0 and at most a minute."""
+    from mle_cli.recipe._durations import to_seconds
+
+    value = to_seconds(text)
+    if value is None or not 0 < value <= MAX_DELAY:
+        raise UsageError(
+            f"invalid {option} {text!r}: use a duration above 0 and at most 60s, e.g. 20ms"
+        )
     return value
 
 
