@@ -131,13 +131,15 @@ def state_file_content(
 async def _model_serving(
     settings: AgentSettings, manager: TaskManager
 ) -> AsyncIterator[tuple[Serving, HttpServer | None]]:
-    """The model registry (routes reloaded), inference threads and REST listener; closed after."""
+    """The model registry (routes reloading), inference threads and REST listener; closed after."""
     registry = ModelRegistry(settings, manager.store)
     workers = max(1, settings.infer_workers)
     executor = ThreadPoolExecutor(workers, thread_name_prefix="mle-infer")
     http: HttpServer | None = None
     try:
-        await asyncio.to_thread(registry.start)  # loads the models the routes use: seconds
+        # Listen at once: the routed versions load (checked first) in the background, LOADING
+        # and not ready meanwhile, so a model that now fails to load cannot keep the agent down.
+        registry.start_background()
         http = await start_http(settings, registry, executor)
         yield Serving(registry, executor, http.port if http else 0), http
     finally:

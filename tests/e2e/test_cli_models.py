@@ -76,7 +76,7 @@ def test_deploy_redeploy_canary_predict_and_rollback(project: Project) -> None:
     assert json.loads(first["route"])["split"] == [{"version": 1, "percent": 100.0}]
 
     again = _ok(project, "deploy", str(FP32), "--target", "local", "--name", "digits")
-    assert again == "digits v1 already deployed on local (same file)\n"
+    assert again == "digits v1 already deployed on local (same file); route: v1 100%\n"
     second = _deployments(project)[1]
     assert (second["version"], second["created"], second["uploaded"]) == (1, 0, 0)
 

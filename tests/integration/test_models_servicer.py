@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
 pytest.importorskip("numpy", reason="the serving tests need numpy (the onnx extra)")
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from mle_agent.servicers import AgentServicer, ArtifactsServicer
-from mle_agent.serving.registry import ModelRegistry
+from mle_agent.serving.loadcheck import FAULT_ENV, RELEASE_ENV
+from mle_agent.serving.registry import ADMIN_THREADS, ModelRegistry
 from mle_agent.serving.servicer import ModelsServicer
 from mle_agent.tasks import TaskManager
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as pb_grpc
-from tests.agent_helpers import Agent, digest_of, leak_check, run
+from mle_proto.v1 import inference_pb2 as ipb
+from tests.agent_helpers import Agent, digest_of, leak_check, put_chunks, run
 from tests.integration._serving import FP32, INT8, MODELS, registry_settings
+from tests.oip_helpers import serving_agent as oip_agent
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +171,59 @@ def test_bad_requests_map_to_grpc_statuses_and_the_agent_stays_up(tmp_path: Path
             assert [v.version for v in listed.models[0].versions] == [1]
 
     run(scenario(), timeout=90)
+
+
+def test_health_answers_while_deploys_are_held_in_their_load_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More deploys than asyncio's default thread pool has threads: were deploys run there, the
+    # health checks queued behind them would wait for the deploys to finish.
+    count = min(32, (os.cpu_count() or 1) + 4) + 2
+    release = tmp_path / "release"
+    monkeypatch.setenv(FAULT_ENV, "loadcheck-sleep")
+    monkeypatch.setenv(RELEASE_ENV, str(release))
+
+    async def scenario() -> None:
+        async with oip_agent(registry_settings(tmp_path)) as agent:
+            data = (MODELS / FP32).read_bytes()
+            await agent.artifacts.Put(put_chunks(data, 1 << 20), timeout=60)
+            deploys = [
+                asyncio.ensure_future(
+                    agent.models.Deploy(
+                        pb.DeployRequest(name=f"m{i}", digest=digest_of(data)), timeout=120
+                    )
+                )
+                for i in range(count)
+            ]
+            try:
+                await _held_checks(ADMIN_THREADS)
+                ready = await agent.inference.ServerReady(ipb.ServerReadyRequest(), timeout=20)
+                status, _, _ = await agent.http("GET", "/v2/health/ready")
+                metrics, _, _ = await agent.http("GET", "/metrics")
+                listed = await agent.models.List(pb.ListModelsRequest(), timeout=20)
+                assert not any(d.done() for d in deploys)  # all still in flight
+                assert (ready.ready, status, metrics, list(listed.models)) == (True, 200, 200, [])
+            finally:
+                release.touch()
+            answers = await asyncio.gather(*deploys)
+            assert [a.created for a in answers] == [True] * count
+
+    run(scenario(), timeout=600)
+
+
+async def _held_checks(count: int) -> None:
+    """Wait until `count` load-check children of this process are running."""
+    me = psutil.Process()
+    for _ in range(3000):
+        children = [c for c in me.children() if "mle_agent.serving.loadcheck" in _cmdline(c)]
+        if len(children) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"fewer than {count} load checks started")
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""

@@ -176,6 +176,7 @@ def test_bad_requests_get_the_right_status_and_the_agent_stays_up(tmp_path: Path
         (infer_request(rows, model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
         (infer_request(rows, version="9"), grpc.StatusCode.NOT_FOUND, "9"),
         (infer_request(rows, version="x1"), grpc.StatusCode.INVALID_ARGUMENT, "model version"),
+        (infer_request(rows, version="9" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "version"),
         (infer_request(rows, model=""), grpc.StatusCode.INVALID_ARGUMENT, "model name"),
         (infer_request(rows.astype(np.float64)), grpc.StatusCode.INVALID_ARGUMENT, "FP64"),
         (infer_request(rows[:, :63].copy()), grpc.StatusCode.INVALID_ARGUMENT, "input"),
@@ -195,6 +196,15 @@ def test_bad_requests_get_the_right_status_and_the_agent_stays_up(tmp_path: Path
             assert (await code_of(oip.ModelMetadata, missing, agent))[
                 0
             ] == grpc.StatusCode.NOT_FOUND
+            huge = "9" * 5000  # int() refuses over 4300 digits: must not become INTERNAL
+            for call, request in (
+                (oip.ModelMetadata, ipb.ModelMetadataRequest(name="digits", version=huge)),
+                (oip.ModelReady, ipb.ModelReadyRequest(name="digits", version=huge)),
+            ):
+                assert await code_of(call, request, agent) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"model version must be a positive integer, got {huge[:40]!r}",
+                )
             assert (await oip.ModelInfer(infer_request(rows))).model_version == "1"
             assert (await oip.ServerLive(ipb.ServerLiveRequest())).live
 

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mle_agent.serving.oip_http import http_address
 from mle_proto.errors import UsageError
-from tests.agent_helpers import agent_settings, leak_check, run
+from mle_proto.v1 import agent_pb2 as pb
+from tests.agent_helpers import agent_settings, digest_of, leak_check, put_chunks, run
 from tests.integration._serving import digit_rows, reference
 from tests.oip_helpers import ServingAgent, http_request, serving_agent
 
@@ -172,6 +173,7 @@ def test_bad_infer_requests_are_one_line_errors(tmp_path: Path) -> None:
     rows = digit_rows()[0][:2]
     binary, headers = binary_infer(rows)
     too_long = {"Inference-Header-Content-Length": str(len(binary) + 1)}
+    huge = {"Inference-Header-Content-Length": "9" * 5000}  # int() refuses over 4300 digits
     cases: list[tuple[str, bytes, dict[str, str], int, str]] = [
         ("digits", b"{not json", {}, 400, "request body is not valid JSON: Expecting"),
         ("digits", b"[" * 100_000 + b"]" * 100_000, {}, 400, "request body is not valid JSON"),
@@ -183,6 +185,8 @@ def test_bad_infer_requests_are_one_line_errors(tmp_path: Path) -> None:
         ("digits", json_infer(rows, outputs=[{"name": "x"}]), {}, 400, "'x'"),
         ("digits", binary[:-4], headers, 400, "input input: binary_data_size is 512 bytes"),
         ("digits", binary, too_long, 400, "invalid Inference-Header-Content-Length"),
+        ("digits", binary, huge, 400, "invalid Inference-Header-Content-Length"),
+        ("digits/versions/" + "9" * 5000, json_infer(rows), {}, 400, "model version must be"),
         ("nope", json_infer(rows), {}, 404, "nope"),
     ]
 
@@ -290,6 +294,76 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read(tmp_path: Path) 
     run(scenario())
 
 
+def test_json_with_more_values_than_the_limit_is_refused_before_it_is_parsed(
+    tmp_path: Path,
+) -> None:
+    limit = 256 * 1024
+    settings = agent_settings(tmp_path, max_message_bytes=limit)
+    values = limit // 8  # the agent's limit on JSON values per request
+    over = np.zeros((600, 64), np.float32)  # 38400 values in under 200 kB of JSON
+    under = np.zeros((500, 64), np.float32)  # 32000 values, and a bracket and a comma per row
+
+    async def scenario() -> None:
+        async with serving_agent(settings) as agent:
+            await agent.deploy("digits_fp32.onnx")
+            body = json_infer(over)
+            assert len(body) < limit
+            status, _, answer = await agent.http("POST", "/v2/models/digits/infer", body)
+            assert (status, error_of(answer)) == (
+                413,
+                f"the request's JSON holds more than {values} values, the agent's limit: "
+                "send large tensors as binary data (binary_data_size)",
+            )
+            status, _, answer = await agent.http(
+                "POST", "/v2/models/digits/infer", json_infer(under)
+            )
+            assert status == 200
+            assert json.loads(answer)["outputs"][0]["shape"] == [500, 10]
+            binary, headers = binary_infer(over)  # the same tensor as binary data is fine
+            status, _, _ = await agent.http("POST", "/v2/models/digits/infer", binary, headers)
+            assert status == 200
+
+    run(scenario())
+
+
+def test_values_json_cannot_carry_are_null_in_a_valid_json_answer(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["y"])],
+        "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = model.SerializeToString()
+    rows = np.array([[-1.0, 0.0, 1.0, np.inf]], np.float32)  # log: nan, -inf, 0, inf
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                     "parameters": {"binary_data_size": rows.nbytes}}]}
+    ).encode()  # fmt: skip
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    async def scenario() -> None:
+        async with serving_agent(agent_settings(tmp_path)) as agent:
+            await agent.artifacts.Put(put_chunks(data, 1 << 20), timeout=60)
+            request = pb.DeployRequest(name="log", digest=digest_of(data), filename="log.onnx")
+            await agent.models.Deploy(request, timeout=120)
+            status, _, answer = await agent.http(
+                "POST",
+                "/v2/models/log/infer",
+                header + rows.tobytes(),
+                {"Inference-Header-Content-Length": str(len(header))},
+            )
+            assert status == 200
+            [out] = json.loads(answer, parse_constant=strict)["outputs"]
+            assert out["data"] == [None, None, 0.0, None]
+
+    run(scenario())
+
+
 def test_malformed_and_hostile_http_gets_a_clean_refusal(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving_agent(agent_settings(tmp_path), http_timeout=0.5) as agent:
@@ -309,6 +383,9 @@ def test_malformed_and_hostile_http_gets_a_clean_refusal(tmp_path: Path) -> None
             assert (await exchange(chunked)).startswith(b"HTTP/1.1 411 ")
             bad_length = b"POST /v2/models/d/infer HTTP/1.1\r\nContent-Length: -5\r\n\r\n"
             assert (await exchange(bad_length)).startswith(b"HTTP/1.1 400 ")
+            huge_length = b"POST /v2/models/d/infer HTTP/1.1\r\nContent-Length: " + b"9" * 5000
+            answer = await exchange(huge_length + b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 413 ") and b"is 99999999999999999999" in answer
             # A client that stalls mid-head or mid-body is disconnected after the timeout.
             assert await exchange(b"GET /v2 HTTP/1.1\r\nHost: x") == b""
             stalled = b"POST /v2/models/d/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"

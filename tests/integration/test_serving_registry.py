@@ -17,7 +17,6 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 from mle_agent.serving.registry import InferRequest, ModelRegistry  # noqa: E402
 from mle_agent.serving.stats import CountersSnapshot  # noqa: E402
 from mle_proto.errors import (  # noqa: E402
-    AgentUnavailable,
     AlreadyExists,
     FailedPrecondition,
     InvalidInput,
@@ -95,9 +94,9 @@ def test_a_second_deploy_takes_all_traffic_and_a_redeploy_is_idempotent(
     second = deploy(registry, INT8)
     assert (second.version, second.created) == (2, True)
     assert infer(registry, x[:3]).version == 2
-    again = deploy(registry, FP32)
-    assert (again.version, again.created) == (1, False)
-    assert again.model.route.split[0].version == 2  # nothing switched
+    again = deploy(registry, INT8)
+    assert (again.version, again.created) == (2, False)
+    assert [(w.version, w.percent) for w in again.model.route.split] == [(2, 100.0)]
     with pytest.raises(AlreadyExists, match="version 2 already exists with another file"):
         deploy(registry, H64, version=2)
     # The previous primary stays loaded for a fast rollback.
@@ -323,7 +322,7 @@ def test_an_explicit_version_must_be_loaded(registry: ModelRegistry) -> None:
     deploy(registry, INT8)
     deploy(registry, H64)
     assert infer(registry, x[:1], version=2).version == 2  # the previous primary, still loaded
-    with pytest.raises(AgentUnavailable, match="version 1 is not loaded; route traffic to it"):
+    with pytest.raises(FailedPrecondition, match="version 1 is not loaded; route traffic to it"):
         infer(registry, x[:1], version=1)
     assert registry.ready("digits") and registry.ready()
     assert not registry.ready("digits", 1)
@@ -360,9 +359,11 @@ def test_a_version_that_no_longer_loads_is_failed_and_the_agent_starts(tmp_path:
     with open_registry(settings) as second:
         v1 = version_of(model_status(second), 1)
         assert v1.state == pb.VERSION_STATE_FAILED
-        assert v1.message
+        assert v1.message.startswith(f"{FP32} is corrupt: sha256 ")
         assert not second.ready()
-        with pytest.raises(AgentUnavailable, match="failed to load"):
+        with pytest.raises(
+            FailedPrecondition, match=f"version 1 failed to load: {FP32} is corrupt"
+        ):
             infer(second, digit_rows()[0][:1])
 
 

@@ -254,6 +254,29 @@ def test_runtime_crash_while_loading_leaves_the_parent_alive(
     assert check_load(path, "onnxruntime", timeout=120).runtime == "onnxruntime"
 
 
+def test_a_module_planted_in_the_working_directory_never_runs_in_the_load_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "planted-code-ran"
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "onnxruntime.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+    )
+    monkeypatch.chdir(planted)  # the agent's working directory, wherever it was started
+    check = check_load(MODELS / "digits_fp32.onnx", "onnxruntime", timeout=120)
+    assert (check.inputs, check.outputs) == ((DIGITS_IN,), (DIGITS_OUT,))
+    assert not marker.exists()
+
+
+def test_a_relative_model_path_loads_from_another_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(MODELS.parent)  # an agent started with a relative --data-dir
+    check = check_load(Path("models/digits_fp32.onnx"), "onnxruntime", timeout=120, cwd=tmp_path)
+    assert check.inputs == (DIGITS_IN,)
+
+
 def test_load_check_past_its_timeout_is_deadline_exceeded() -> None:
     # No child Python starts and imports a runtime within a millisecond.
     with pytest.raises(DeadlineExceeded, match=r"^slow\.onnx: loading it with onnxruntime took"):
@@ -291,6 +314,7 @@ def test_serving_modules_import_no_runtime_or_numpy() -> None:
         "import sys, json\n"
         "import mle_agent.serving.runtimes, mle_agent.serving.validation\n"
         "import mle_agent.serving.onnx, mle_agent.serving.litert, mle_agent.serving.loadcheck\n"
+        "import mle_agent.serving.registry, mle_agent.serving.oip_http\n"
         "heavy = ('numpy', 'onnxruntime', 'ai_edge_litert', 'tflite_runtime', 'tensorflow')\n"
         "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
     )

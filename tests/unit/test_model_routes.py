@@ -157,7 +157,7 @@ def test_deploy_lines() -> None:
         "digits v2 serving 10% on local (litert, 900 B, loaded in 0.00 s); route: v1 90%, v2 10%"
     )
     again = DeployOutcome("deploy", "local", "digits", 3, three, False)
-    assert deploy_line(again) == "digits v3 already deployed on local (same file)"
+    assert deploy_line(again) == "digits v3 already deployed on local (same file); route: v3 100%"
     idle = DeployOutcome("deploy", "local", "digits", 3, ONE, True, "onnxruntime", 10)
     assert deploy_line(idle).startswith("digits v3 loaded on local, not routed (onnxruntime")
     back = DeployOutcome("rollback", "local", "digits", 1, ONE)

@@ -12,8 +12,11 @@ which extra to install.
     state        ModelState (one model's versions and route) and its ModelStatus message
     deploying    the deploy checks, then loading and switching
     loaded       one loaded version: in-flight leases, input checks, its batcher
+    restoring    the models on disk back after a restart, checked, in the background
+    calls        InferRequest, InferResult, ModelMetadata: what front-ends ask and get back
     dispatch     plans a request under the registry lock and runs the route's policy
-    routing      split (sticky), shadow, fallback, consensus
+    routing      routes: split (sticky), shadow, fallback, consensus; their validation
+    policies     running fallback, consensus and the shadow mirror
     batching     dynamic batching per version
     stats        per-version counters and latency histograms; Prometheus exposition
     servicer     the mle.v1.Models gRPC servicer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATATYPES",
+    "NUMPY_TO_OIP",
     "RUNTIME_EXTRAS",
     "Backend",
     "BackendLoader",
@@ -40,6 +41,8 @@ DATATYPES: Mapping[str, str] = {
     "FP32": "float32",
     "FP64": "float64",
 }
+# numpy dtype name -> Open Inference Protocol datatype name (the inverse of DATATYPES).
+NUMPY_TO_OIP: Mapping[str, str] = {numpy_name: oip for oip, numpy_name in DATATYPES.items()}
 
 # Runtime name (as in manifests and VersionStatus.runtime) -> what to install on the device.
 RUNTIME_EXTRAS: Mapping[str, str] = {
@@ -60,6 +63,15 @@ class TensorSpec:
     def batched(self) -> bool:
         """Whether the first dimension is dynamic, so requests can be batched along it."""
         return bool(self.shape) and self.shape[0] == -1
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as stored in manifests and printed by the load check."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        """A spec read back (KeyError/TypeError/ValueError when malformed)."""
+        return cls(str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"]))
 
 
 class Backend(Protocol):

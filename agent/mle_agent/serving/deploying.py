@@ -5,6 +5,13 @@ runtime is installed, its digest matches, it loads and warms up in a child proce
 that crashes the runtime cannot take the agent down), and its signature equals the serving
 version's. Only then is the version written, loaded in-process and switched to. A failure at
 any step leaves the serving version untouched.
+
+A deploy is idempotent on (name, digest, batching): the same file with the same batching again
+is its existing version (created = false), which is then routed as the request asks (all
+traffic, or a canary share against the current primary) unless it already serves that way, or
+loaded again if it is not loaded (after a crash mid-deploy, a version may be on disk without a
+route). The same file with other batching becomes a new version: versions never change, so a
+rollback also brings the old batching back.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from mle_agent.serving.repository import KEEP_OLD, UNLOAD_FIRST, Manifest
 from mle_agent.serving.routing import Route
 from mle_agent.serving.runtimes import available_runtimes, detect_runtime, not_installed
 from mle_agent.serving.validation import LoadCheck, check_digest, check_load, check_signature
-from mle_proto.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from mle_proto.errors import AlreadyExists, FailedPrecondition, InvalidInput, MleError, NotFound
 from mle_proto.store import parse_digest
 from mle_proto.v1 import agent_pb2 as pb
 
@@ -29,11 +36,19 @@ if TYPE_CHECKING:
     from mle_agent.serving.registry import ModelRegistry
     from mle_agent.serving.state import ModelState
 
-__all__ = ["existing_version", "new_manifest", "swap_in"]
+__all__ = [
+    "existing_version",
+    "new_manifest",
+    "planned_route",
+    "redeploy",
+    "swap_in",
+    "verify_file",
+]
 
 
 def existing_version(model: ModelState, request: pb.DeployRequest) -> int | None:
-    """The version this file is already deployed as (an idempotent retry), else None."""
+    """The version this file is already deployed as, with the same batching, else None."""
+    batching = _batching(request.batching.max_batch_size, request.batching.max_queue_delay_seconds)
     if request.version:
         found = model.manifests.get(request.version)
         if found is None:
@@ -43,9 +58,47 @@ def existing_version(model: ModelState, request: pb.DeployRequest) -> int | None
                 f"model {model.name} version {request.version} already exists with another "
                 f"file ({found.filename or found.digest}); leave out the version to add a new one"
             )
+        if _batching(found.max_batch_size, found.max_queue_delay) != batching:
+            raise AlreadyExists(
+                f"model {model.name} version {request.version} already exists with other "
+                "batching; leave out the version to deploy the file again as a new one"
+            )
         return found.version
-    same = [m.version for m in model.manifests.values() if m.digest == request.digest]
+    same = [
+        m.version
+        for m in model.manifests.values()
+        if m.digest == request.digest and _batching(m.max_batch_size, m.max_queue_delay) == batching
+    ]
     return same[0] if same else None
+
+
+def redeploy(
+    registry: ModelRegistry, model: ModelState, manifest: Manifest, request: pb.DeployRequest
+) -> None:
+    """Serve an existing version as the request asks; nothing when it already does."""
+    _check_options(model.name, request)
+    route = planned_route(model, manifest.version, request.canary_percent)
+    serving = model.route is not None and model.route.split == route.split
+    if serving and route.versions <= set(model.loaded):
+        return
+    swap = UNLOAD_FIRST if request.swap == pb.SWAP_MODE_UNLOAD_FIRST else KEEP_OLD
+    swap_in(registry, model, manifest, request.canary_percent, swap=swap)
+
+
+def planned_route(model: ModelState, version: int, canary: float) -> Route:
+    """The route a deploy of `version` asks for: a canary against the current primary, else all
+    traffic (a canary of the primary itself is all traffic: it already has the most)."""
+    current = model.route.primary if model.route else 0
+    if current and current != version and 0 < canary < 100:
+        return Route.canary(version, current, canary)
+    return Route.single(version)
+
+
+def verify_file(registry: ModelRegistry, manifest: Manifest, path: Path) -> None:
+    """Check a stored version's file before this process loads it: digest, then a child load."""
+    with _naming(path, manifest.filename or f"the file of version {manifest.version}"):
+        check_digest(path, manifest.digest)
+        _check_load(registry, path, manifest.runtime)
 
 
 def new_manifest(registry: ModelRegistry, model: ModelState, request: pb.DeployRequest) -> Manifest:
@@ -58,10 +111,7 @@ def new_manifest(registry: ModelRegistry, model: ModelState, request: pb.DeployR
         if runtime not in available_runtimes():
             raise FailedPrecondition(not_installed(runtime))
         check_digest(path, request.digest)
-        settings = registry.settings
-        check = check_load(
-            path, runtime, timeout=settings.load_check_timeout, threads=settings.serve_threads
-        )
+        check = _check_load(registry, path, runtime)
     primary = model.manifests.get(model.route.primary) if model.route else None
     if primary is not None:
         current = (primary.inputs, primary.outputs)
@@ -86,23 +136,36 @@ def new_manifest(registry: ModelRegistry, model: ModelState, request: pb.DeployR
     )
 
 
-def swap_in(registry: ModelRegistry, model: ModelState, manifest: Manifest, canary: float) -> None:
-    """Load the new version and route traffic to it (all, or a canary share)."""
-    current = model.route.primary if model.route else 0
-    if current and 0 < canary < 100:
-        route = Route.canary(manifest.version, current, canary)
-    else:
-        route = Route.single(manifest.version)
-    if manifest.swap == UNLOAD_FIRST and model.route is not None:
+def swap_in(
+    registry: ModelRegistry,
+    model: ModelState,
+    manifest: Manifest,
+    canary: float,
+    *,
+    swap: str = "",
+) -> None:
+    """Load the version unless loaded, and route traffic to it (all, or a canary share); the
+    swap mode is the manifest's unless `swap` names another."""
+    route = planned_route(model, manifest.version, canary)
+    if (swap or manifest.swap) == UNLOAD_FIRST and model.route is not None:
         _unload_first(registry, model, manifest.version, route)
     else:
-        registry.load(model, manifest.version)
+        loaded_here = _ensure_loaded(registry, model, manifest.version)
         try:
             registry.switch(model, route)
         except BaseException:
-            registry.unload(model, manifest.version)
+            if loaded_here:
+                registry.unload(model, manifest.version)
             raise
     registry.trim(model)
+
+
+def _ensure_loaded(registry: ModelRegistry, model: ModelState, version: int) -> bool:
+    """Load a version unless it is; whether it was loaded here."""
+    if version in model.loaded:
+        return False
+    registry.load(model, version)
+    return True
 
 
 def _unload_first(registry: ModelRegistry, model: ModelState, version: int, route: Route) -> None:
@@ -111,11 +174,13 @@ def _unload_first(registry: ModelRegistry, model: ModelState, version: int, rout
     try:
         for old in sorted(set(model.loaded) - route.versions):
             registry.unload(model, old)
+        loaded_here = False
         try:
-            registry.load(model, version)
+            loaded_here = _ensure_loaded(registry, model, version)
             registry.switch(model, route)
         except BaseException:
-            registry.unload(model, version)
+            if loaded_here:
+                registry.unload(model, version)
             _reload_route(registry, model)
             raise
     finally:
@@ -137,6 +202,23 @@ def _check_options(name: str, request: pb.DeployRequest) -> None:
     delay = request.batching.max_queue_delay_seconds
     if not math.isfinite(delay) or not 0 <= delay <= 60:
         raise InvalidInput(f"model {name}: max queue delay must be between 0 and 60 seconds")
+
+
+def _check_load(registry: ModelRegistry, path: Path, runtime: str) -> LoadCheck:
+    settings = registry.settings
+    settings.models_root.mkdir(parents=True, exist_ok=True)  # the child's working directory
+    return check_load(
+        path,
+        runtime,
+        timeout=settings.load_check_timeout,
+        threads=settings.serve_threads,
+        cwd=settings.models_root,
+    )
+
+
+def _batching(size: int, delay: float) -> tuple[int, float]:
+    """Batching as it behaves: sizes 0 and 1 are both no batching, whatever the delay."""
+    return (size, delay) if size > 1 else (0, 0.0)
 
 
 def _stored(registry: ModelRegistry, request: pb.DeployRequest) -> Path:
@@ -162,6 +244,6 @@ def _naming(path: Path, label: str) -> Iterator[None]:
     """Errors about the stored file name the file as the operator knows it."""
     try:
         yield
-    except InvalidInput as exc:
+    except MleError as exc:
         message = exc.message.replace(str(path), label).replace(path.name, label)
-        raise InvalidInput(message, hint=exc.hint) from None
+        raise type(exc)(message, hint=exc.hint) from None

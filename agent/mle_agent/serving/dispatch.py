@@ -14,16 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mle_agent.serving.loaded import LoadedVersion, check_inputs, check_outputs
-from mle_agent.serving.routing import (
-    CONSENSUS,
-    FALLBACK,
-    Route,
-    ShadowMirror,
-    pick,
-    run_consensus,
-    run_fallback,
-)
-from mle_proto.errors import AgentUnavailable, InvalidInput, NotFound
+from mle_agent.serving.policies import ShadowMirror, run_consensus, run_fallback
+from mle_agent.serving.routing import CONSENSUS, FALLBACK, Route, pick
+from mle_proto.errors import FailedPrecondition, InvalidInput, NotFound
 
 if TYPE_CHECKING:
     import numpy as np
@@ -124,20 +117,21 @@ def _versions(
     if route is None:
         if model.loading or model.swapping:
             return None
-        raise AgentUnavailable(f"model {model.name} has no route; route traffic to a version")
+        raise FailedPrecondition(f"model {model.name} has no route; route traffic to a version")
     if route.policy == CONSENSUS:
         return route.members
     main = pick(route, request.request_id)
     return [main, route.secondary] if route.policy == FALLBACK else [main]
 
 
-def _not_loaded(model: ModelState, version: int, *, explicit: bool) -> AgentUnavailable:
+def _not_loaded(model: ModelState, version: int, *, explicit: bool) -> FailedPrecondition:
+    # Not "unavailable": waiting or retrying does not help until the operator acts.
     if version in model.failed:
-        return AgentUnavailable(
+        return FailedPrecondition(
             f"model {model.name} version {version} failed to load: {model.failed[version]}"
         )
     hint = "; route traffic to it first" if explicit else ""
-    return AgentUnavailable(f"model {model.name} version {version} is not loaded{hint}")
+    return FailedPrecondition(f"model {model.name} version {version} is not loaded{hint}")
 
 
 def _fallback(
@@ -170,7 +164,7 @@ def _consensus(
     plan: Plan, request: InferRequest, pool: Executor
 ) -> tuple[int, Outputs, dict[str, str]]:
     members = [(m.manifest.version, functools.partial(m.run, request.inputs)) for m in plan.members]
-    version, outputs, _ = run_consensus(members, pool)
+    version, outputs = run_consensus(members, pool)
     voters = ",".join(str(v) for v, _ in members)
     return version, outputs, {"mle_consensus": voters}
 

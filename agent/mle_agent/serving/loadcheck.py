@@ -5,13 +5,16 @@ Loads the model with its runtime, warms it up, prints one JSON line on stdout (r
 outputs, seconds) and exits 0. Any failure prints one line, prefixed `mle-loadcheck: `, on stderr
 and exits 1. A runtime that crashes kills only this process; the agent reports the signal.
 
-Test hook: with MLE_AGENT_FAULT=loadcheck-crash in the environment the child calls os.abort()
-right before loading, as a runtime crashing on a hostile file would (like the CLI's MLE_FAULT).
+Test hooks (like the CLI's MLE_FAULT), from the environment:
+- MLE_AGENT_FAULT=loadcheck-crash: the child calls os.abort() right before loading, as a runtime
+  crashing on a hostile file would;
+- MLE_AGENT_FAULT=loadcheck-sleep: the child waits right before loading until the file named by
+  MLE_AGENT_FAULT_RELEASE exists (or its parent is gone, or an hour has passed), so a test can
+  hold deploys and restores in flight for as long as it needs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -24,6 +27,8 @@ from mle_proto.errors import MleError
 __all__ = ["main"]
 
 FAULT_ENV = "MLE_AGENT_FAULT"
+RELEASE_ENV = "MLE_AGENT_FAULT_RELEASE"
+_HOLD_LIMIT = 3600.0  # seconds a held check waits at most
 
 
 def main(argv: list[str]) -> int:
@@ -50,8 +55,11 @@ def _check(path: Path, runtime: str, threads: int) -> dict[str, object]:
     from mle_agent.serving.runtimes import load_backend, warm_up
 
     started = time.monotonic()
-    if os.environ.get(FAULT_ENV) == "loadcheck-crash":
+    fault = os.environ.get(FAULT_ENV)
+    if fault == "loadcheck-crash":
         os.abort()
+    if fault == "loadcheck-sleep":
+        _hold(Path(os.environ.get(RELEASE_ENV, "/nonexistent")))
     backend = load_backend(path, runtime, threads)
     try:
         warm_up(backend)
@@ -59,10 +67,17 @@ def _check(path: Path, runtime: str, threads: int) -> dict[str, object]:
         backend.close()
     return {
         "runtime": backend.runtime,
-        "inputs": [dataclasses.asdict(spec) for spec in backend.inputs],
-        "outputs": [dataclasses.asdict(spec) for spec in backend.outputs],
+        "inputs": [spec.to_json() for spec in backend.inputs],
+        "outputs": [spec.to_json() for spec in backend.outputs],
         "seconds": round(time.monotonic() - started, 6),
     }
+
+
+def _hold(release: Path) -> None:
+    """Wait until `release` exists, the parent (the agent) is gone, or the limit is reached."""
+    parent, deadline = os.getppid(), time.monotonic() + _HOLD_LIMIT
+    while not release.exists() and os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 if __name__ == "__main__":

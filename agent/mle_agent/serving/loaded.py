@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from mle_agent.serving.backend import DATATYPES, Backend, TensorSpec
+from mle_agent.serving.backend import DATATYPES, NUMPY_TO_OIP, Backend, TensorSpec
 from mle_agent.serving.batching import Batcher
 from mle_proto.errors import InvalidInput, MleError
 
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["LoadedVersion", "check_inputs", "check_outputs"]
 
 log = logging.getLogger(__name__)
-
-_OIP_NAMES = {numpy_name: oip for oip, numpy_name in DATATYPES.items()}
 
 
 class LoadedVersion:
@@ -127,7 +125,7 @@ def check_inputs(label: str, specs: Sequence[TensorSpec], inputs: Inputs) -> Non
 def _check_array(label: str, spec: TensorSpec, array: Array) -> None:
     dtype = str(getattr(array, "dtype", ""))
     if dtype != DATATYPES.get(spec.datatype):
-        got = _OIP_NAMES.get(dtype, dtype or type(array).__name__)
+        got = NUMPY_TO_OIP.get(dtype, dtype or type(array).__name__)
         raise InvalidInput(f"{label}: input {spec.name!r} must be {spec.datatype}, got {got}")
     shape = tuple(int(d) for d in array.shape)
     fits = len(shape) == len(spec.shape) and all(

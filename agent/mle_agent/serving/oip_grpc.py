@@ -2,6 +2,8 @@
 
 Any OIP v2 client (tritonclient.grpc, KServe's) works unchanged. Inference runs in the agent's
 inference thread pool, never on the event loop: decode, registry.infer, encode in one hop.
+Health and metadata only read the registry under its lock for a moment: they answer on the
+event loop, so they never queue behind inference or deploys.
 Errors are `mle_proto.errors` classes; the client sees their gRPC status and one-line message.
 """
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServicer", "parse_version", "requested_outputs"]
 
 SERVER_NAME = "mle-agent"
+_VERSION_DIGITS = 10  # versions are uint32 on the wire: 4294967295 has 10 digits
 EXTENSIONS = ("binary_tensor_data",)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -52,7 +55,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
         self, request: ipb.ServerReadyRequest, context: Context
     ) -> ipb.ServerReadyResponse:
         """Ready when every routed version is loaded (so also with no model at all)."""
-        return ipb.ServerReadyResponse(ready=await asyncio.to_thread(self._registry.ready))
+        return ipb.ServerReadyResponse(ready=self._registry.ready())
 
     @_unary
     async def ModelReady(
@@ -60,8 +63,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
     ) -> ipb.ModelReadyResponse:
         """Whether a model (its route) or one version is loaded."""
         version = parse_version(request.version)
-        ready = await asyncio.to_thread(self._registry.ready, _name(request.name), version)
-        return ipb.ModelReadyResponse(ready=ready)
+        return ipb.ModelReadyResponse(ready=self._registry.ready(_name(request.name), version))
 
     @_unary
     async def ServerMetadata(
@@ -78,8 +80,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
     ) -> ipb.ModelMetadataResponse:
         """Versions, platform and tensor signature of a model or one version."""
         version = parse_version(request.version)
-        found = await asyncio.to_thread(self._registry.metadata, _name(request.name), version)
-        return metadata_response(found)
+        return metadata_response(self._registry.metadata(_name(request.name), version))
 
     @_unary
     async def ModelInfer(
@@ -132,7 +133,8 @@ def parse_version(text: str) -> int | None:
     """A request's model version: "" = the route decides, else a positive integer."""
     if not text:
         return None
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
+    # Length first: int() refuses strings over 4300 digits with a ValueError of its own.
+    if len(text) > _VERSION_DIGITS or not text.isascii() or not text.isdigit() or int(text) < 1:
         raise InvalidInput(f"model version must be a positive integer, got {text[:40]!r}")
     return int(text)
 

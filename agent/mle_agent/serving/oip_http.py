@@ -9,15 +9,23 @@ Infer bodies follow the OIP REST spec plus the binary tensor data extension trit
 default: `Inference-Header-Content-Length: N` is the JSON part's length, input tensors with a
 `binary_data_size` parameter follow it in order, and outputs asked for with `binary_data` (or all
 of them with the request parameter `binary_data_output`) come back the same way. Errors are
-`{"error": "..."}` with 400 (bad input), 404 (unknown model, version or route), 401, 413, 503.
+`{"error": "..."}` with 400 (bad input), 404 (unknown model, version or route), 409 (no route,
+version not loaded or failed), 401, 413, 503 (still loading).
+
+JSON tensor data costs memory: Python builds an object per value, several times the text's size.
+So a request's JSON part may hold at most `max_message_bytes / 8` values (413 beyond: send large
+tensors as binary data), and JSON parts over 64 KiB are decoded two at a time. Output values
+that JSON cannot carry (NaN, Infinity) are written as null, so the body is always valid JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -65,6 +73,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HEADER_CONTENT_LENGTH = "inference-header-content-length"
+JSON_DECODES = 2  # large JSON parts decoded at once
+_SMALL_JSON = 64 * 1024  # bytes: a JSON part this small decodes without waiting for a slot
+_BYTES_PER_VALUE = 8  # the JSON value limit is max_message_bytes / this
 # MleError.status (a gRPC code name) -> HTTP status.
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401,
@@ -133,11 +144,14 @@ async def start_http(
 
 
 class OipRoutes:
-    """Answers REST requests from the registry; blocking work runs in threads."""
+    """Answers REST requests from the registry: inference in the inference threads; health,
+    metadata and metrics on the event loop (they hold the registry lock only for a moment)."""
 
     def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
         self._registry = registry
         self._executor = executor
+        self.max_json_values = max(1, registry.settings.max_message_bytes // _BYTES_PER_VALUE)
+        self._decoding = threading.BoundedSemaphore(JSON_DECODES)
 
     async def answer(self, request: Request) -> Response:
         """The response to one request; errors become JSON error responses."""
@@ -159,7 +173,7 @@ class OipRoutes:
                 return Response(200)
             case ["v2", "health", "ready"]:
                 _method(request, "GET")
-                return Response(200 if await asyncio.to_thread(self._registry.ready) else 503)
+                return Response(200 if self._registry.ready() else 503)
             case ["v2"]:
                 _method(request, "GET")
                 extensions = list(EXTENSIONS)
@@ -168,7 +182,9 @@ class OipRoutes:
                 )
             case ["metrics"]:
                 _method(request, "GET")
-                return await asyncio.to_thread(self._metrics)
+                # A few ms of counters and psutil reads: on the loop, so a scrape never queues
+                # behind work in shared threads (task staging, output hashing).
+                return self._metrics()
             case ["v2", "models", name, "versions", version, *rest] if name and version:
                 return await self._model(request, name, version, rest)
             case ["v2", "models", name, *rest] if name and rest[:1] != ["versions"]:
@@ -180,12 +196,10 @@ class OipRoutes:
         match rest:
             case []:
                 _method(request, "GET")
-                found = await asyncio.to_thread(self._registry.metadata, name, number)
-                return json_response(200, _model_metadata(found))
+                return json_response(200, _model_metadata(self._registry.metadata(name, number)))
             case ["ready"]:
                 _method(request, "GET")
-                ready = await asyncio.to_thread(self._registry.ready, name, number)
-                return Response(200 if ready else 503)
+                return Response(200 if self._registry.ready(name, number) else 503)
             case ["infer"]:
                 _method(request, "POST")
                 loop = asyncio.get_running_loop()
@@ -195,13 +209,12 @@ class OipRoutes:
         raise HttpError(404, f"no route {request.path[:200]}")
 
     def _infer(self, name: str, version: int | None, request: Request) -> Response:
-        body, binary = _split_body(request)
+        body, inputs = self._decode(request)
         outputs = _output_parameters(body.get("outputs"))
         wanted = requested_outputs(outputs.items())
         request_id = body.get("id", "")
         if not isinstance(request_id, str):
             raise InvalidInput("'id' must be a string")
-        inputs = decode_json_inputs(body.get("inputs"), binary)
         result = self._registry.infer(
             InferRequest(name, inputs, version, request_id=request_id, outputs=wanted)
         )
@@ -214,34 +227,60 @@ class OipRoutes:
             ordered_outputs(result, wanted), _binary_choice(body, outputs)
         )
         answer["outputs"] = entries
-        text = json.dumps(answer).encode()
+        text = json.dumps(answer, allow_nan=False).encode()
         if not parts:
             return Response(200, text)
         header = (("Inference-Header-Content-Length", str(len(text))),)
         return Response(200, b"".join([text, *parts]), "application/octet-stream", header)
+
+    def _decode(self, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The JSON part of an infer body (without its inputs) and the inputs as arrays."""
+        size = _json_size(request)
+        part = request.body[:size] if size < len(request.body) else request.body
+        # An upper bound on the values, counted in C before Python builds an object for each.
+        values = part.count(b",") + part.count(b"[")
+        if values > self.max_json_values:
+            raise HttpError(
+                413,
+                f"the request's JSON holds more than {self.max_json_values} values, the agent's "
+                "limit: send large tensors as binary data (binary_data_size)",
+            )
+        slot = self._decoding if size > _SMALL_JSON else contextlib.nullcontext()
+        with slot:
+            body = _object(_parse_json(part), "the request body")
+            inputs = decode_json_inputs(body.pop("inputs", None), memoryview(request.body)[size:])
+        return body, inputs
 
     def _metrics(self) -> Response:
         body, content_type = render_metrics(self._registry)
         return Response(200, body, content_type)
 
 
-def _split_body(request: Request) -> tuple[dict[str, Any], memoryview]:
-    """The JSON part of an infer body and the binary tensor data after it."""
-    body = request.body
+def _json_size(request: Request) -> int:
+    """The length of an infer body's JSON part: Inference-Header-Content-Length, else all."""
     size_text = request.headers.get(HEADER_CONTENT_LENGTH)
-    size = len(body)
-    if size_text is not None:
-        if not size_text.isascii() or not size_text.isdigit() or int(size_text) > len(body):
-            raise InvalidInput(f"invalid Inference-Header-Content-Length {size_text[:40]!r}")
-        size = int(size_text)
+    if size_text is None:
+        return len(request.body)
+    digits = size_text.lstrip("0") or "0"
+    # Length first: int() refuses over 4300 digits.
+    if (
+        not size_text.isascii()
+        or not size_text.isdigit()
+        or len(digits) > len(str(len(request.body)))
+        or int(digits) > len(request.body)
+    ):
+        raise InvalidInput(f"invalid Inference-Header-Content-Length {size_text[:40]!r}")
+    return int(digits)
+
+
+def _parse_json(part: bytes) -> Any:
     try:
-        parsed = json.loads(body[:size])
+        return json.loads(part)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
         reason = str(exc).splitlines()[0][:200]
         raise InvalidInput(f"request body is not valid JSON: {reason}") from None
     except RecursionError:
         raise InvalidInput("request body is not valid JSON: nested too deeply") from None
-    return _object(parsed, "the request body"), memoryview(body)[size:]
 
 
 def _output_parameters(outputs: Any) -> dict[str, dict[str, Any]]:

@@ -3,23 +3,28 @@
 Semantics:
 - Versions are integers per model name, stored under `<data_dir>/models/<name>/<version>/` with
   the model file and `manifest.json`; the route lives in `<data_dir>/models/<name>/route.json`
-  with its history (for rollback). State survives an agent restart: `start()` reloads the routes
-  and loads the versions they use.
+  with its history (the last HISTORY_LIMIT routes, for rollback). State survives a restart:
+  `start()` (or `start_background()`, which returns at once, the routed versions LOADING)
+  reloads the routes and loads the versions they use (see restoring.py).
+- Before this process first loads a version, its file is checked again (digest, then a load in
+  a child process): a file changed on disk cannot take the agent down; that version is FAILED.
 - Versions the route uses are loaded (READY); the previous primary stays loaded too (fast
   rollback) unless the model was deployed with SWAP_MODE_UNLOAD_FIRST; others are AVAILABLE.
 - `infer` picks a version from an immutable snapshot of the route taken when the request starts,
   so a swap never fails an in-flight request, and the version it names was live at that moment.
 - Errors are `mle_proto.errors` classes (their gRPC status is what the client sees): NotFound for
   an unknown model or version, InvalidInput for wrong input names/dtypes/shapes or a file that is
-  not a model, FailedPrecondition for a runtime not installed (the message names the extra) or an
-  undeploy of a routed version, AgentUnavailable for a version still loading past the wait.
+  not a model, FailedPrecondition for a runtime not installed (the message names the extra), an
+  undeploy of a routed version, no route, or a version not loaded (or FAILED); AgentUnavailable
+  only for a version still loading past the wait, or the agent shutting down.
 
 Locking: one registry lock (a Condition) guards the in-memory state and is held only briefly;
 a per-model admin lock serializes deploy/route/undeploy of that model, which load and unload
-outside the registry lock, so requests keep flowing while a version loads. A request takes the
-route snapshot and its leases on the versions it will run under the registry lock, and unloading
-removes a version under the same lock before waiting for its leases: nothing is closed under a
-running call.
+outside the registry lock, so requests keep flowing while a version loads. Front-ends run admin
+calls in `admin`, a small pool of their own, so slow deploys never hold up inference, health or
+metadata. A request takes the route snapshot and its leases on the versions it will run under
+the registry lock, and unloading removes a version under the same lock before waiting for its
+leases: nothing is closed under a running call.
 """
 
 from __future__ import annotations
@@ -27,66 +32,45 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mle_agent.serving.deploying import existing_version, new_manifest, swap_in
+from mle_agent.serving.calls import InferRequest, InferResult, ModelMetadata
+from mle_agent.serving.deploying import (
+    existing_version,
+    new_manifest,
+    redeploy,
+    swap_in,
+    verify_file,
+)
 from mle_agent.serving.dispatch import Plan, dispatch, plan_request
 from mle_agent.serving.loaded import LoadedVersion
-from mle_agent.serving.repository import UNLOAD_FIRST, Manifest, ModelRepository, check_name
-from mle_agent.serving.routing import Route, ShadowMirror, validate_route
+from mle_agent.serving.policies import ShadowMirror
+from mle_agent.serving.repository import (
+    HISTORY_LIMIT,
+    UNLOAD_FIRST,
+    Manifest,
+    ModelRepository,
+    check_name,
+)
+from mle_agent.serving.restoring import restore, saved_models
+from mle_agent.serving.routing import Route, validate_route
 from mle_agent.serving.runtimes import PLATFORMS, load_backend, warm_up
 from mle_agent.serving.state import ModelState
 from mle_agent.serving.stats import VersionCounters, VersionStatsRow
-from mle_proto.errors import AgentUnavailable, FailedPrecondition, MleError, NotFound
+from mle_proto.errors import AgentUnavailable, FailedPrecondition, NotFound
 from mle_proto.v1 import agent_pb2 as pb
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
-    from mle_agent.serving.backend import TensorSpec
     from mle_agent.settings import AgentSettings
     from mle_proto.store import ArtifactStore
 
-__all__ = ["InferRequest", "InferResult", "ModelMetadata", "ModelRegistry"]
+__all__ = ["ADMIN_THREADS", "InferRequest", "InferResult", "ModelMetadata", "ModelRegistry"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class InferRequest:
-    """One inference call as the front-ends decode it."""
-
-    model: str
-    inputs: Mapping[str, npt.NDArray[np.generic]]
-    version: int | None = None  # None = the route decides
-    request_id: str = ""  # split routing is sticky by this id; empty = random
-    outputs: tuple[str, ...] = ()  # empty = every output
-
-
-@dataclass(frozen=True)
-class InferResult:
-    """The answer and which version produced it."""
-
-    model: str
-    version: int
-    outputs: dict[str, npt.NDArray[np.generic]]
-    # Extra response parameters, e.g. {"mle_policy": "fallback"}, {"mle_consensus": "1,2,3"}.
-    parameters: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What OIP ModelMetadata answers."""
-
-    name: str
-    versions: tuple[int, ...]
-    platform: str  # "onnxruntime_onnx" or "tensorflow_lite"
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+ADMIN_THREADS = 2  # deploys, routes and undeploys running at once (each model's are serialized)
 
 
 class ModelRegistry:
@@ -104,28 +88,44 @@ class ModelRegistry:
             max_workers=max(4, settings.infer_workers), thread_name_prefix="mle-policy"
         )
         self._mirror = ShadowMirror()
+        # Deploy/route/undeploy block for seconds: front-ends run them here, not in shared pools.
+        self.admin = ThreadPoolExecutor(max_workers=ADMIN_THREADS, thread_name_prefix="mle-admin")
+        self._restorer: threading.Thread | None = None
         self._closed = False
 
     def start(self) -> None:
         """Load the routes on disk and the versions they use (blocking; call off the loop)."""
-        for name in self.repository.names():
-            with self._admin_lock(name):
-                self._restore(name)
+        restore(self, self._publish(saved_models(self.repository)))
+
+    def start_background(self) -> None:
+        """Publish the models on disk at once, their routed versions LOADING (so not ready),
+        then check and load those versions on a background thread."""
+        pending = self._publish(saved_models(self.repository))
+        self._restorer = threading.Thread(
+            target=restore, args=(self, pending), name="mle-restore", daemon=True
+        )
+        self._restorer.start()
 
     def deploy(self, request: pb.DeployRequest) -> pb.DeployResponse:
         """Validate, check-load in a child process, load, warm up, then switch (blocking)."""
         started = time.monotonic()
         name = check_name(request.name)
-        with self._admin_lock(name):
+        with self.admin_lock(name):
             model = self._models.get(name) or ModelState(name)
             version = existing_version(model, request)
             if version is not None:
-                return pb.DeployResponse(model=self._status(model), version=version, created=False)
+                redeploy(self, model, model.manifests[version], request)
+                elapsed = time.monotonic() - started
+                return pb.DeployResponse(
+                    model=self._status(model), version=version, load_seconds=elapsed
+                )
             manifest = new_manifest(self, model, request)
             self.repository.add_version(manifest, self.store.path_of(manifest.digest))
             try:
-                with self._lock:
+                with self._lock:  # one step: a request never sees the model without it loading
                     model.manifests[manifest.version] = manifest
+                    model.checked.add(manifest.version)
+                    model.loading.add(manifest.version)
                     self._models[name] = model
                 swap_in(self, model, manifest, request.canary_percent)
             except BaseException:
@@ -138,13 +138,14 @@ class ModelRegistry:
 
     def route(self, request: pb.RouteRequest) -> pb.ModelStatus:
         """Apply a new route (loading what it needs first) or roll back (blocking)."""
-        with self._admin_lock(self._get(request.name).name):
+        with self.admin_lock(self._get(request.name).name):
             model = self._get(request.name)
             if request.rollback:
                 route = self._previous(model)
             else:
                 route = Route.from_proto(request.route)
-                validate_route(model.name, route, model.manifests)
+                outputs = {v: m.outputs for v, m in model.manifests.items()}
+                validate_route(model.name, route, model.manifests, outputs=outputs)
                 if route == model.route:
                     return self._status(model)
             try:
@@ -157,7 +158,7 @@ class ModelRegistry:
 
     def undeploy(self, request: pb.UndeployRequest) -> pb.ModelStatus:
         """Remove a version or a whole model."""
-        with self._admin_lock(self._get(request.name).name):
+        with self.admin_lock(self._get(request.name).name):
             model = self._get(request.name)
             if not request.version:
                 with self._lock:
@@ -224,8 +225,11 @@ class ModelRegistry:
             return version in model.loaded
 
     def close(self) -> None:
-        """Stop batchers and release every backend."""
+        """Stop restoring and admin calls, then batchers; release every backend."""
         self._closed = True
+        if self._restorer is not None:
+            self._restorer.join()  # it stops after the version it is checking or loading
+        self.admin.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             models = list(self._models.values())
         # Unloading waits for running requests, whose leases the pool (late fallback primaries)
@@ -245,16 +249,20 @@ class ModelRegistry:
                 for version, counters in sorted(model.counters.items())
             ]
 
-    # ---- used by deploying.py, under the model's admin lock ----
+    # ---- used by deploying.py and restoring.py, under the model's admin lock ----
 
     def load(self, model: ModelState, version: int) -> LoadedVersion:
-        """Load and warm up a version in this process; FAILED (and raise) when it cannot."""
+        """Load and warm up a version in this process, its file checked first if this process
+        has not checked it yet; FAILED (and raise) when it cannot."""
         manifest = model.manifests[version]
         with self._lock:
             model.loading.add(version)
             model.failed.pop(version, None)
+            checked = version in model.checked
         try:
             path = self.repository.model_path(manifest)
+            if not checked:
+                verify_file(self, manifest, path)
             backend = load_backend(path, manifest.runtime, self.settings.serve_threads)
             try:
                 warm_up(backend)
@@ -270,6 +278,7 @@ class ModelRegistry:
         with self._lock:
             counters = model.counters.setdefault(version, VersionCounters())
             loaded = LoadedVersion(manifest, backend, counters)
+            model.checked.add(version)
             model.loaded[version] = loaded
             model.loading.discard(version)
             self._changed.notify_all()
@@ -289,6 +298,7 @@ class ModelRegistry:
             history.pop()
         elif model.route is not None:
             history.append(model.route)
+        history = history[-HISTORY_LIMIT:]  # as on disk: a rollback must not outlive a restart
         self.repository.write_route(model.name, route, history)
         with self._lock:
             model.route, model.history = route, history
@@ -304,6 +314,33 @@ class ModelRegistry:
         for version in sorted(set(model.loaded) - keep):
             self.unload(model, version)
 
+    def settle(self, model: ModelState, reason: str, keep: Collection[int] = ()) -> None:
+        """Versions marked LOADING that will not load after all: FAILED with `reason`, or (no
+        reason) AVAILABLE; those in `keep` stay LOADING."""
+        with self._lock:
+            for version in model.loading - set(keep):
+                model.loading.discard(version)
+                if reason:
+                    model.failed[version] = reason
+            self._changed.notify_all()
+
+    def admin_lock(self, name: str) -> threading.Lock:
+        """The lock serializing changes to one model; AgentUnavailable once closing."""
+        with self._lock:
+            if self._closed:
+                raise AgentUnavailable("the agent is shutting down")
+            return self._admin.setdefault(name, threading.Lock())
+
+    def serves(self, model: ModelState) -> bool:
+        """Whether `model` is still the one served under its name (not undeployed meanwhile)."""
+        with self._lock:
+            return self._models.get(model.name) is model
+
+    @property
+    def closed(self) -> bool:
+        """Whether the registry is closing: long admin work stops early."""
+        return self._closed
+
     def set_swapping(self, model: ModelState, swapping: bool) -> None:
         """Mark an unload-first swap as under way (requests wait) or over."""
         with self._lock:
@@ -312,23 +349,14 @@ class ModelRegistry:
 
     # ---- private ----
 
-    def _restore(self, name: str) -> None:
-        self.repository.clean(name)
-        manifests = self.repository.manifests(name)
-        if not manifests:
-            return
-        route, history = self.repository.read_route(name)
-        if route is not None and not route.versions <= set(manifests):
-            log.warning("model %s: route %s names missing versions; ignored", name, route)
-            route = None
-        model = ModelState(name, manifests, route, history)
+    def _publish(self, models: list[ModelState]) -> list[ModelState]:
+        """Serve these models (read from disk), what their routes use marked LOADING."""
         with self._lock:
-            self._models[name] = model
-        for version in sorted(route.versions if route else ()):
-            try:
-                self.load(model, version)
-            except MleError as exc:
-                log.warning("model %s version %d failed to load: %s", name, version, exc)
+            for model in models:
+                model.loading.update(model.route.versions if model.route else ())
+                self._models[model.name] = model
+            self._changed.notify_all()
+        return models
 
     def _plan(self, model: ModelState, request: InferRequest) -> Plan:
         """The versions this request runs, leased; waits while a version it needs is loading."""
@@ -365,19 +393,14 @@ class ModelRegistry:
             model.manifests.pop(version, None)
             model.counters.pop(version, None)
             model.failed.pop(version, None)
+            model.loading.discard(version)
+            model.checked.discard(version)
             if not model.manifests:
                 self._models.pop(model.name, None)
         if model.manifests:
             self.repository.remove_version(model.name, version)
         else:
             self.repository.remove_model(model.name)
-
-    def _admin_lock(self, name: str) -> threading.Lock:
-        """The lock serializing changes to one model; AgentUnavailable once closing."""
-        with self._lock:
-            if self._closed:
-                raise AgentUnavailable("the agent is shutting down")
-            return self._admin.setdefault(name, threading.Lock())
 
     def _get(self, name: str) -> ModelState:
         with self._lock:

@@ -93,8 +93,8 @@ class Manifest:
             "created": self.created,
             "source_run": self.source_run,
             "source_step": self.source_step,
-            "inputs": [_spec_json(s) for s in self.inputs],
-            "outputs": [_spec_json(s) for s in self.outputs],
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
             "batching": {
                 "max_batch_size": self.max_batch_size,
                 "max_queue_delay_seconds": self.max_queue_delay,
@@ -114,24 +114,14 @@ class Manifest:
             filename=str(data["filename"]),
             size=int(data["size"]),
             created=float(data["created"]),
-            inputs=tuple(_spec(s) for s in data["inputs"]),
-            outputs=tuple(_spec(s) for s in data["outputs"]),
+            inputs=tuple(TensorSpec.from_json(s) for s in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
             source_run=str(data["source_run"]),
             source_step=str(data["source_step"]),
             max_batch_size=int(batching["max_batch_size"]),
             max_queue_delay=float(batching["max_queue_delay_seconds"]),
             swap=str(data["swap"]),
         )
-
-
-def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
-
-
-def _spec(data: Mapping[str, Any]) -> TensorSpec:
-    return TensorSpec(
-        str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"])
-    )
 
 
 class ModelRepository:

@@ -1,7 +1,8 @@
 """Routes: which version answers a request, and the policies that combine versions.
 
 A `Route` is an immutable value; the registry swaps whole routes, so a request that took a
-snapshot keeps a consistent view however the route changes while it runs.
+snapshot keeps a consistent view however the route changes while it runs. policies.py runs the
+fallback, consensus and shadow policies described here.
 
     split      weighted, sticky by request id: blake2b(id) mod 10000 picks a bucket; versions
                own consecutive bucket ranges, newest first, so growing a canary keeps its ids
@@ -12,53 +13,49 @@ snapshot keeps a consistent view however the route changes while it runs.
                is discarded
     consensus  every member runs; per row the majority class of the first output wins (ties:
                the earliest member's vote); each row's outputs come from the first member that
-               voted for that class; the response names the member that agreed on most rows
+               voted for that class; the response names the member that agreed on most rows.
+               A member's vote is its first output's value when that output is class labels
+               (integer [N]), its argmax when it is class scores ([N, C], C > 1); a consensus
+               route over any other first output is refused
+
+The primary of a route is the version with the largest share of the split; on a tie (a 50/50
+split) the newest (highest) version. A fallback deadline is finite, more than 0 and at most 60 s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import queue
+import math
 import random
-import threading
-from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import Executor, Future, wait
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mle_proto.errors import AgentUnavailable, InvalidInput, NotFound
+from mle_proto.errors import InvalidInput, NotFound
 from mle_proto.v1 import agent_pb2 as pb
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
-    from mle_agent.serving.stats import VersionCounters
-
-    Outputs = dict[str, npt.NDArray[np.generic]]
+    from mle_agent.serving.backend import TensorSpec
 
 __all__ = [
     "BUCKETS",
     "CONSENSUS",
     "FALLBACK",
+    "MAX_DEADLINE",
     "SPLIT",
     "Route",
-    "ShadowMirror",
     "bucket_of",
-    "disagrees",
     "pick",
-    "run_consensus",
-    "run_fallback",
     "validate_route",
+    "vote_kind",
 ]
-
-log = logging.getLogger(__name__)
 
 SPLIT, FALLBACK, CONSENSUS = "split", "fallback", "consensus"
 BUCKETS = 10_000
+MAX_DEADLINE = 60.0  # seconds: a fallback deadline beyond this is a mistake, not a policy
+_LABEL_TYPES = frozenset(
+    {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+)
 _FROM_PROTO = {
     pb.ROUTE_POLICY_UNSPECIFIED: SPLIT,
     pb.ROUTE_POLICY_SPLIT: SPLIT,
@@ -95,10 +92,10 @@ class Route:
 
     @property
     def primary(self) -> int:
-        """The version that takes most traffic (the first consensus member)."""
+        """The version that takes most traffic, the newest on a tie (the first consensus member)."""
         if self.policy == CONSENSUS:
             return self.members[0]
-        return max(self.split, key=lambda pair: pair[1])[0]
+        return max(self.split, key=lambda pair: (pair[1], pair[0]))[0]
 
     @property
     def versions(self) -> frozenset[int]:
@@ -165,22 +162,68 @@ class Route:
         )
 
 
-def validate_route(name: str, route: Route, versions: Collection[int]) -> None:
-    """InvalidInput when the route is malformed, NotFound when it names an unknown version."""
+def validate_route(
+    name: str,
+    route: Route,
+    versions: Collection[int],
+    *,
+    outputs: Mapping[int, Sequence[TensorSpec]] | None = None,
+) -> None:
+    """InvalidInput when the route is malformed, NotFound when it names an unknown version.
+
+    With `outputs` (each version's output specs), a consensus route is refused unless every
+    member's first output is something to vote on (see `vote_kind`).
+    """
     for version in sorted(route.versions):
         if version not in versions:
             raise NotFound(f"model {name} has no version {version}")
     if route.policy == CONSENSUS:
         _check_members(name, route.members)
+        if outputs is not None:
+            _check_votes(name, route.members, outputs)
     else:
         _check_split(name, route.split)
     if route.policy == FALLBACK:
-        if not route.secondary or route.deadline_seconds <= 0:
-            raise InvalidInput(f"model {name}: a fallback route needs a secondary and a deadline")
-        if route.secondary in dict(route.split):
-            raise InvalidInput(f"model {name}: the secondary must not be in the split")
+        _check_fallback(name, route)
     if route.shadow and route.shadow in (*dict(route.split), *route.members):
         raise InvalidInput(f"model {name}: version {route.shadow} cannot shadow itself")
+
+
+def vote_kind(spec: TensorSpec) -> str:
+    """How consensus votes on an output: "label" (integer [N]), "scores" ([N, C], C > 1), or ""."""
+    if len(spec.shape) == 1 and spec.datatype in _LABEL_TYPES:
+        return "label"
+    if len(spec.shape) == 2 and spec.shape[1] != 1 and spec.datatype != "BOOL":
+        return "scores"
+    return ""
+
+
+def _check_votes(
+    name: str, members: Sequence[int], outputs: Mapping[int, Sequence[TensorSpec]]
+) -> None:
+    for version in members:
+        specs = outputs.get(version, ())
+        if specs and not vote_kind(specs[0]):
+            first = specs[0]
+            shape = ",".join(map(str, first.shape))
+            raise InvalidInput(
+                f"model {name}: consensus votes on the first output, which must be class labels "
+                f"(integer [N]) or class scores ([N, C]); version {version}'s {first.name!r} is "
+                f"{first.datatype} [{shape}]"
+            )
+
+
+def _check_fallback(name: str, route: Route) -> None:
+    deadline = route.deadline_seconds
+    if not route.secondary or deadline == 0:
+        raise InvalidInput(f"model {name}: a fallback route needs a secondary and a deadline")
+    if not math.isfinite(deadline) or not 0 < deadline <= MAX_DEADLINE:
+        raise InvalidInput(
+            f"model {name}: the fallback deadline must be more than 0 and at most "
+            f"{MAX_DEADLINE:g} seconds, got {deadline:g}"
+        )
+    if route.secondary in dict(route.split):
+        raise InvalidInput(f"model {name}: the secondary must not be in the split")
 
 
 def _check_split(name: str, split: Sequence[tuple[int, float]]) -> None:
@@ -219,151 +262,3 @@ def pick(route: Route, request_id: str) -> int:
         if bucket < edge:
             return version
     return route.primary  # rounding left the last bucket unowned
-
-
-def disagrees(primary: Outputs, shadow: Outputs) -> bool:
-    """Whether two answers differ: argmax per row of the first output, else allclose."""
-    import numpy as np
-
-    name = next(iter(primary))
-    a, b = primary[name], shadow.get(name)
-    if b is None or a.shape != b.shape:
-        return True
-    if _is_classification(a):
-        return bool(np.any(np.argmax(a, axis=-1) != np.argmax(b, axis=-1)))
-    return not bool(np.allclose(a, b, rtol=1e-3, atol=1e-5))
-
-
-def _is_classification(array: npt.NDArray[np.generic]) -> bool:
-    return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
-
-
-def run_fallback(
-    primary: Callable[[], Outputs],
-    secondary: Callable[[], Outputs],
-    deadline: float,
-    pool: Executor,
-    *,
-    cancelled: Callable[[], None],
-) -> tuple[Outputs, bool]:
-    """The primary's answer if it comes within the deadline, else the secondary's (True).
-
-    `cancelled` runs when the primary never started (so its caller can release what it holds);
-    a primary that started finishes in the background and its answer is discarded.
-    """
-    try:
-        future = pool.submit(primary)
-    except RuntimeError:  # the pool is shut down: the agent is stopping
-        cancelled()
-        raise AgentUnavailable("the agent is shutting down") from None
-    try:
-        return future.result(timeout=deadline), False
-    except FutureTimeout:
-        if future.cancel():
-            cancelled()
-    except Exception as exc:  # noqa: BLE001 - a failed primary is what the secondary is for
-        log.info("primary failed, the secondary answers: %s", exc)
-    return secondary(), True
-
-
-def run_consensus(
-    members: Sequence[tuple[int, Callable[[], Outputs]]], pool: Executor
-) -> tuple[int, Outputs, list[int]]:
-    """Run every member concurrently; (answering version, outputs, majority class per row)."""
-    futures: list[Future[Outputs]] = []
-    try:
-        for _, run in members[1:]:
-            futures.append(pool.submit(run))
-        first = members[0][1]()
-    except RuntimeError as exc:
-        if len(futures) < len(members) - 1:  # submit refused: the pool is shut down
-            raise AgentUnavailable("the agent is shutting down") from exc
-        raise
-    finally:
-        wait(futures)  # the caller releases its leases once this returns: nothing may still run
-    answers = [first] + [f.result() for f in futures]
-    versions = [version for version, _ in members]
-    return _combine(versions, answers)
-
-
-def _combine(versions: Sequence[int], answers: Sequence[Outputs]) -> tuple[int, Outputs, list[int]]:
-    import numpy as np
-
-    first = next(iter(answers[0]))
-    if answers[0][first].ndim == 0 or not len(answers[0][first]):
-        return versions[0], answers[0], []
-    votes = np.stack([np.argmax(a[first], axis=-1).reshape(-1) for a in answers])  # member x row
-    winners: list[int] = []
-    chosen: list[int] = []  # per row, the index of the first member voting for the winner
-    for row in range(votes.shape[1]):
-        tally = Counter(int(v) for v in votes[:, row])
-        best = max(tally.values())
-        winner = next(int(v) for v in votes[:, row] if tally[int(v)] == best)
-        winners.append(winner)
-        chosen.append(int(np.flatnonzero(votes[:, row] == winner)[0]))
-    outputs = {
-        name: np.stack([answers[m][name][row] for row, m in enumerate(chosen)])
-        for name in answers[0]
-    }
-    agreeing = [int(np.sum(votes[m] == np.array(winners))) for m in range(len(answers))]
-    return versions[agreeing.index(max(agreeing))], outputs, winners
-
-
-class ShadowMirror:
-    """Runs mirrored requests on a background thread; a full queue drops (and counts) them."""
-
-    def __init__(self, capacity: int = 64) -> None:
-        self._queue: queue.Queue[_Mirrored | None] = queue.Queue(capacity)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def submit(
-        self,
-        run: Callable[[], Outputs],
-        primary: Outputs,
-        counters: VersionCounters,
-        release: Callable[[], None],
-    ) -> None:
-        """Queue `run` (the shadow's inference) to compare with `primary`; `release` after."""
-        with self._lock:
-            if self._closed:
-                counters.record_shadow_dropped()
-                release()
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="mle-shadow", daemon=True)
-                self._thread.start()
-        try:
-            self._queue.put_nowait(_Mirrored(run, primary, counters, release))
-        except queue.Full:
-            counters.record_shadow_dropped()
-            release()
-
-    def close(self) -> None:
-        """Run what is queued, then stop the thread."""
-        with self._lock:
-            self._closed = True
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
-            thread.join()
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                answer = item.run()
-            except Exception:  # noqa: BLE001 - a failing shadow must not affect serving
-                item.counters.record_shadow(disagreed=False, ok=False)
-            else:
-                item.counters.record_shadow(disagreed=disagrees(item.primary, answer))
-            finally:
-                item.release()
-
-
-@dataclass(frozen=True)
-class _Mirrored:
-    run: Callable[[], Outputs]
-    primary: Outputs
-    counters: VersionCounters
-    release: Callable[[], None]

@@ -33,6 +33,7 @@ class ModelState:
     loading: set[int] = field(default_factory=set)
     failed: dict[int, str] = field(default_factory=dict)  # version -> why it did not load
     counters: dict[int, VersionCounters] = field(default_factory=dict)
+    checked: set[int] = field(default_factory=set)  # files checked by this process (see registry)
     swapping: bool = False  # an unload-first swap is under way: requests wait for it
 
     def routed_ready(self) -> bool:

@@ -5,7 +5,9 @@ gRPC inputs arrive in `contents` (one typed field per datatype) or in `raw_input
 arrive as JSON `data` (flat or nested lists) or, with the binary tensor data extension, as bytes
 after the JSON. Outputs always leave as raw little-endian bytes over gRPC (tritonclient reads
 `raw_output_contents` first), and as JSON `data` or binary data over REST, as the request asks.
-BYTES (string) tensors are not supported: every model the agent serves takes numbers.
+JSON has no NaN or Infinity: such output values are written as null (the OIP says JSON numbers;
+null keeps the body valid JSON and the value's position). BYTES (string) tensors are not
+supported: every model the agent serves takes numbers.
 numpy is imported when a tensor is decoded, never when this module is imported.
 """
 
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from mle_agent.serving.backend import DATATYPES
+from mle_agent.serving.backend import DATATYPES, NUMPY_TO_OIP
 from mle_proto.errors import FailedPrecondition, InvalidInput
 
 if TYPE_CHECKING:
@@ -94,7 +96,10 @@ def encode_grpc_outputs(outputs: Mapping[str, Array], response: ipb.ModelInferRe
 
 
 def decode_json_inputs(inputs: Any, binary: bytes | memoryview = b"") -> dict[str, Array]:
-    """REST `inputs` as arrays: JSON `data`, or `binary_data_size` bytes of `binary` in order."""
+    """REST `inputs` as arrays: JSON `data`, or `binary_data_size` bytes of `binary` in order.
+
+    Each entry's `data` is removed once converted, so its Python list can be freed at once.
+    """
     _require_numpy()
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -107,7 +112,7 @@ def decode_json_inputs(inputs: Any, binary: bytes | memoryview = b"") -> dict[st
         if size is None:
             if "data" not in entry:
                 raise InvalidInput(f"input {name}: no 'data' and no binary_data_size parameter")
-            arrays[name] = array_from_json(name, datatype, shape, entry["data"])
+            arrays[name] = array_from_json(name, datatype, shape, entry.pop("data"))
             continue
         if "data" in entry:
             raise InvalidInput(f"input {name}: both 'data' and binary_data_size given")
@@ -141,9 +146,19 @@ def encode_json_outputs(
             parts.append(array_to_bytes(array))
             entry["parameters"] = {"binary_data_size": len(parts[-1])}
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = _json_values(array)
         entries.append(entry)
     return entries, parts
+
+
+def _json_values(array: Array) -> list[Any]:
+    """An array's values for JSON, in C order; NaN and infinities become None (null)."""
+    import numpy as np
+
+    values: list[Any] = array.reshape(-1).tolist()
+    if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
+        values = [v if math.isfinite(v) else None for v in values]
+    return values
 
 
 def array_from_bytes(
@@ -197,15 +212,12 @@ def array_to_bytes(array: Array) -> bytes:
 
 def datatype_of(name: str, array: Array) -> str:
     """The OIP datatype name of an output array."""
-    datatype = _BY_NUMPY_NAME.get(array.dtype.name)
+    datatype = NUMPY_TO_OIP.get(array.dtype.name)
     if datatype is None:
         raise FailedPrecondition(
             f"output {name} has numpy dtype {array.dtype.name}, which the protocol cannot carry"
         )
     return datatype
-
-
-_BY_NUMPY_NAME = {numpy_name: oip for oip, numpy_name in DATATYPES.items()}
 
 
 def _array_from_contents(tensor: ipb.ModelInferRequest.InferInputTensor) -> Array:

@@ -1,7 +1,7 @@
 """Checks a model file passes before it may serve: digest, signature, and a load in a child
 process, so a file that crashes its runtime cannot take the agent down.
 
-The child is `python -m mle_agent.serving.loadcheck PATH RUNTIME THREADS`: on success it prints
+The child is `python -P -m mle_agent.serving.loadcheck PATH RUNTIME THREADS`: on success it prints
 one JSON line on stdout (runtime, inputs, outputs, seconds) and exits 0; on failure it prints one
 line prefixed `mle-loadcheck: ` on stderr (a runtime may log there too) and exits 1.
 """
@@ -63,14 +63,22 @@ def check_digest(path: Path, digest: str) -> None:
         )
 
 
-def check_load(path: Path, runtime: str, *, timeout: float, threads: int = 0) -> LoadCheck:
-    """Load and warm up the model in a child process (`python -m mle_agent.serving.loadcheck`).
+def check_load(
+    path: Path, runtime: str, *, timeout: float, threads: int = 0, cwd: Path | None = None
+) -> LoadCheck:
+    """Load and warm up the model in a child process (`python -P -m mle_agent.serving.loadcheck`).
     InvalidInput when it fails or crashes (the message names the file, the runtime and the signal
     or the runtime's one-line reason); DeadlineExceeded past `timeout`; FailedPrecondition when
-    the runtime is not installed here."""
+    the runtime is not installed here.
+
+    The child runs in `cwd` (default: the file's directory), and `-P` keeps that directory off
+    its sys.path: a file planted there (an `onnxruntime.py`) must never run as the agent.
+    """
     if runtime not in available_runtimes():
         raise FailedPrecondition(not_installed(runtime))
-    command = [sys.executable, "-m", "mle_agent.serving.loadcheck", str(path), runtime]
+    # Absolute: the child runs elsewhere, and the data dir may have been given relative.
+    target = str(path.absolute())
+    command = [sys.executable, "-P", "-m", "mle_agent.serving.loadcheck", target, runtime]
     try:
         child = subprocess.run(
             [*command, str(threads)],
@@ -79,6 +87,7 @@ def check_load(path: Path, runtime: str, *, timeout: float, threads: int = 0) ->
             errors="replace",
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            cwd=cwd or path.parent,
             check=False,
         )
     except subprocess.TimeoutExpired:  # run() has killed and reaped the child
@@ -172,17 +181,11 @@ def _parse(stdout: str, path: Path, runtime: str) -> LoadCheck:
         found: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
         return LoadCheck(
             runtime=str(found["runtime"]),
-            inputs=tuple(_spec(s) for s in found["inputs"]),
-            outputs=tuple(_spec(s) for s in found["outputs"]),
+            inputs=tuple(TensorSpec.from_json(s) for s in found["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in found["outputs"]),
             seconds=float(found["seconds"]),
         )
     except (IndexError, KeyError, TypeError, ValueError):
         raise InvalidInput(
             f"{path.name} cannot be loaded by {runtime}: the load check said nothing usable"
         ) from None
-
-
-def _spec(data: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(
-        str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"])
-    )

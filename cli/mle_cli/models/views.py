@@ -58,7 +58,8 @@ def deploy_line(outcome: DeployOutcome) -> str:
         return f"{name} {where}: {route}"
     head = f"{name} v{outcome.version}"
     if not outcome.created:
-        return f"{head} already deployed {where} (same file)"
+        # The agent routes an existing version as asked (e.g. a canary of it): say where it is now.
+        return f"{head} already deployed {where} (same file); route: {route}"
     details = (
         f"({outcome.runtime or 'unknown runtime'}, {human_size(outcome.size)}, "
         f"loaded in {outcome.load_seconds:.2f} s)"

@@ -573,8 +573,8 @@ class ModelsServicer:
 
     def Deploy(self, request, context):
         """Validates (digest, format magic, tensor signature), loads in a child process first, warms
-        up, then switches traffic atomically. Idempotent on (name, digest): the same file again
-        returns its existing version with created = false.
+        up, then switches traffic atomically. Idempotent on (name, digest, batching): the same file
+        again returns its existing version with created = false, routed as this request asks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

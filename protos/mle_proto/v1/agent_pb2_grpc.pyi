@@ -215,8 +215,8 @@ class ModelsStub:
     def __new__(cls, channel: _aio.Channel) -> ModelsAsyncStub: ...
     Deploy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeployRequest, _agent_pb2.DeployResponse]
     """Validates (digest, format magic, tensor signature), loads in a child process first, warms
-    up, then switches traffic atomically. Idempotent on (name, digest): the same file again
-    returns its existing version with created = false.
+    up, then switches traffic atomically. Idempotent on (name, digest, batching): the same file
+    again returns its existing version with created = false, routed as this request asks.
     """
     Route: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RouteRequest, _agent_pb2.ModelStatus]
     """Changes a model's route: split, canary, shadow, fallback, consensus, or a rollback."""
@@ -235,8 +235,8 @@ class ModelsAsyncStub(ModelsStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Deploy: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeployRequest, _agent_pb2.DeployResponse]  # type: ignore[assignment]
     """Validates (digest, format magic, tensor signature), loads in a child process first, warms
-    up, then switches traffic atomically. Idempotent on (name, digest): the same file again
-    returns its existing version with created = false.
+    up, then switches traffic atomically. Idempotent on (name, digest, batching): the same file
+    again returns its existing version with created = false, routed as this request asks.
     """
     Route: _aio.UnaryUnaryMultiCallable[_agent_pb2.RouteRequest, _agent_pb2.ModelStatus]  # type: ignore[assignment]
     """Changes a model's route: split, canary, shadow, fallback, consensus, or a rollback."""
@@ -258,8 +258,8 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeployResponse, _abc.Awaitable[_agent_pb2.DeployResponse]]:
         """Validates (digest, format magic, tensor signature), loads in a child process first, warms
-        up, then switches traffic atomically. Idempotent on (name, digest): the same file again
-        returns its existing version with created = false.
+        up, then switches traffic atomically. Idempotent on (name, digest, batching): the same file
+        again returns its existing version with created = false, routed as this request asks.
         """
 
     @_abc_1.abstractmethod
