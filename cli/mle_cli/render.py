@@ -112,7 +112,10 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title
         table.add_column(column.upper())
     for row in rows:
         table.add_row(*(_cell(column, row.get(column)) for column in columns))
-    stdout_console().print(table)
+    console = stdout_console()
+    if not console.is_terminal:  # piped: data is never cut to fit 80 columns
+        console.width = max(console.width, console.measure(table).maximum)
+    console.print(table)
 
 
 def styled_status(status: str) -> str:
