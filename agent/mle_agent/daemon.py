@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mle_agent.announce import announced
 from mle_agent.server import Serving, create_server
 from mle_agent.serving.httpd import HttpServer
 from mle_agent.serving.oip_http import check_http_settings, http_address, start_http
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", help="server private key (PEM)")
     add("--tls-ca", help="CA certificate (PEM) that client certificates must chain to")
     add("--insecure", action="store_true", default=None, help="allow non-loopback without TLS")
+    add(
+        "--announce",
+        action="store_true",
+        default=None,
+        help="announce on mDNS even on loopback (always done on other addresses)",
+    )
+    add("--announce-interfaces", help="IPs to announce on, comma-separated (default: all)")
     add(
         "--http-listen",
         help="HOST:PORT for the Open Inference Protocol REST routes and /metrics "
@@ -158,7 +166,8 @@ async def _serve(
     try:
         await server.start()
         _announce(settings, manager, port, serving.http_port)
-        await stop.wait()
+        async with announced(settings, port):  # withdrawn before draining
+            await stop.wait()
         log.info("draining: no new tasks; up to %gs for running ones", settings.drain_timeout)
         await manager.drain(settings.drain_timeout)
         grace = settings.shutdown_grace

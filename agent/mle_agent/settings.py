@@ -84,6 +84,9 @@ class AgentSettings:
     infer_workers: int = 16  # threads running inference calls for the gRPC and HTTP front-ends
     load_check_timeout: float = 120.0  # seconds for the child-process load check of a new model
     load_wait: float = 10.0  # seconds a request waits for a version that is still loading
+    # mDNS: always announced beyond loopback; interfaces: "all" or IPs, comma-separated.
+    announce: bool = False
+    announce_interfaces: str = "all"
 
     @property
     def artifacts_root(self) -> Path:
@@ -194,7 +197,7 @@ def _coerce(key: str, value: Any) -> Any:
             return _number(float, value)
         if key in _INTS:
             return _number(int, value)
-        if key == "insecure":
+        if key in ("insecure", "announce"):
             return _boolean(value)
         if key == "labels":
             return _parse_labels(value) if isinstance(value, str) else _label_table(value)

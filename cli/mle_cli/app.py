@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mle_cli.commands import agent, bench, history, models, quantize, run
+from mle_cli.commands import agent, agents, bench, history, models, quantize, run
 
 __all__ = ["app", "main"]
 
@@ -57,6 +57,7 @@ history.register(app)
 models.register(app)
 quantize.register(app)
 bench.register(app)
+agents.register(app)
 app.add_typer(agent.app, name="agent")
 
 

@@ -30,6 +30,9 @@ class Settings:
     agent_grace: float = 10.0  # an agent silent this long has lost its running attempts
     cancel_poll_interval: float = 0.5
     local_agent_slots: int = 0  # 0 = the agent's default (its cpu count)
+    mdns_browse_seconds: float = 1.5  # how long `mle agents` listens for mDNS answers
+    mdns_interfaces: str = "all"  # "all", or the IPs to browse on, comma-separated
+    agent_gone_after: float = 10.0  # a discovered agent unseen this long is shown as gone
 
     @property
     def mle_dir(self) -> Path:

@@ -96,6 +96,7 @@ HEAVY = {
         ["predict", "--help"],
         ["quantize", "--help"],
         ["bench", "--help"],
+        ["agents", "--help"],
     ],
 )
 def test_help_imports_nothing_heavy(args: list[str]) -> None:

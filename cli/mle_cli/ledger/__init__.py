@@ -1,8 +1,10 @@
 """The operator's SQLite ledger: source of truth for runs, steps, attempts, events, artifacts and
-model deployments."""
+model deployments,
+and the agents discovered on the network."""
 
 from __future__ import annotations
 
+from mle_cli.ledger import _agents as agents
 from mle_cli.ledger import _deployments as deployments
 from mle_cli.ledger import _queries as queries
 from mle_cli.ledger._deployments import DeploymentRecord
@@ -16,6 +18,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerWriter",
+    "agents",
     "deployments",
     "queries",
 ]

@@ -145,6 +145,23 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX model_stats_version ON model_stats(target, model, version, time);
     """,
+    # 4: agents found by mDNS, cached so `mle agents` answers at once; never dropped, only aged.
+    """
+    CREATE TABLE discovered_agents (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        arch TEXT NOT NULL,
+        os TEXT NOT NULL,
+        runtimes TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        version TEXT NOT NULL,
+        source TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)

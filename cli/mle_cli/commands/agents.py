@@ -1,0 +1,88 @@
+"""`mle agents`: the agents this machine can see (mDNS, cached in the ledger) and the local one."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from mle_cli.commands._common import settings_from
+
+if TYPE_CHECKING:
+    from mle_cli.targets.discovery import AgentListing
+
+__all__ = ["register"]
+
+WATCH_INTERVAL = 2.0  # seconds between refreshes of `--watch`
+COLUMNS = ["name", "address", "arch", "os", "runtimes", "labels", "source", "last_seen", "state"]
+
+
+def agents(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh every couple of seconds until Ctrl-C.")
+    ] = False,
+    cached: Annotated[
+        bool, typer.Option("--cached", help="Answer from the cache at once, without browsing.")
+    ] = False,
+) -> None:
+    """List agents found by mDNS (cached; unseen ones are marked gone) and the local agent.
+
+    Example: mle agents --json
+    """
+    from mle_cli.targets.discovery import list_agents
+
+    settings = settings_from(ctx)
+    if not watch:
+        _show(list_agents(settings, refresh=not cached), json_out=json_out, clear=False)
+        return
+    refresh = False  # the cache first, at once; then browse each round
+    try:
+        while True:
+            started = time.monotonic()
+            _show(list_agents(settings, refresh=refresh), json_out=json_out, clear=True)
+            refresh = not cached
+            time.sleep(max(0.1, WATCH_INTERVAL - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command()(agents)
+
+
+def _show(listing: AgentListing, *, json_out: bool, clear: bool) -> None:
+    from mle_cli import render
+
+    if listing.warning:
+        sys.stderr.write(f"warning: {render.printable(listing.warning)}\n")
+    if json_out:
+        if clear:  # --watch: one JSON document per line
+            sys.stdout.write(json.dumps(listing.rows, default=str) + "\n")
+            sys.stdout.flush()
+        else:
+            render.print_json(listing.rows)
+        return
+    console = render.stdout_console()
+    if clear and console.is_terminal:
+        console.clear()
+    render.print_table([_cells(row) for row in listing.rows], COLUMNS)
+    if not listing.rows:
+        console.print("no agents seen; start one with `mle-agentd --name NAME --announce`")
+
+
+def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    from mle_cli import render
+
+    labels = ",".join(f"{k}={v}" for k, v in row["labels"].items())
+    return {
+        **row,
+        "runtimes": ",".join(row["runtimes"]) or "-",
+        "labels": labels or "-",
+        "last_seen": render.ago(row["last_seen"]),
+    }

@@ -1,0 +1,366 @@
+"""mDNS discovery of agents: a bounded browse for `_mle-agent._tcp.local.` and `mle agents`.
+
+Records are hostile until validated: a malformed one (wrong proto, missing fields, huge TXT,
+non-UTF-8, control characters) is ignored with a debug log line and never stops the browse.
+Found agents are cached in the ledger, so a listing also shows those not heard this time (as
+"gone" once unseen for `agent_gone_after` seconds). zeroconf is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mle_cli.settings import Settings
+from mle_proto import PROTO_VERSION
+from mle_proto.errors import MleError
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceInfo, Zeroconf
+
+    from mle_cli.targets._endpoint import Endpoint
+
+__all__ = [
+    "SERVICE_TYPE",
+    "AgentListing",
+    "Browse",
+    "DiscoveredAgent",
+    "RecordError",
+    "discover_agents",
+    "list_agents",
+    "parse_record",
+]
+
+SERVICE_TYPE = "_mle-agent._tcp.local."
+TXT_MAX_BYTES = 1024  # a real record is well under this (labels and name are each <= 255)
+_RESOLVE_WAIT = 0.5  # seconds one unanswered record may hold the browse loop
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+_RUNTIME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAX_RUNTIMES = 16
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiscoveredAgent:
+    """An agent as its mDNS record describes it."""
+
+    name: str
+    address: str
+    port: int
+    arch: str = ""
+    os: str = ""
+    runtimes: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    fingerprint: str = ""
+    version: str = ""
+    last_seen: float = 0.0
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port` (IPv6 in brackets) to connect to."""
+        return (
+            f"[{self.address}]:{self.port}"
+            if ":" in self.address
+            else f"{self.address}:{self.port}"
+        )
+
+
+@dataclass(frozen=True)
+class Browse:
+    """What one bounded browse found; `warning` says why mDNS could not be used."""
+
+    agents: tuple[DiscoveredAgent, ...] = ()
+    ignored: int = 0
+    warning: str = ""
+
+
+@dataclass(frozen=True)
+class AgentListing:
+    """The rows of `mle agents` and a warning to show (mDNS unavailable)."""
+
+    rows: list[dict[str, Any]]
+    warning: str = ""
+
+
+class RecordError(ValueError):
+    """An mDNS record that is not a valid agent advertisement."""
+
+
+def list_agents(settings: Settings, *, refresh: bool = True) -> AgentListing:
+    """The local agent (when running) and every cached agent, after a bounded browse."""
+    browse = Browse()
+    if refresh and settings.mdns_browse_seconds > 0:
+        browse = discover_agents(settings.mdns_browse_seconds, settings.mdns_interfaces)
+    rows = _cached_rows(settings, browse.agents)
+    local = _local_row(settings)
+    return AgentListing([local, *rows] if local else rows, browse.warning)
+
+
+def discover_agents(seconds: float, interfaces: str = "all") -> Browse:
+    """Browse mDNS for `seconds`; return the valid agent records heard."""
+    zc = _open_zeroconf(interfaces)
+    if isinstance(zc, str):
+        return Browse(warning=f"mDNS is unavailable ({zc}); showing cached agents only")
+    return _browse(zc, seconds)
+
+
+def _browse(zc: Zeroconf, seconds: float) -> Browse:
+    """Browse with zeroconf for `seconds`, then close it (its threads end)."""
+    from zeroconf import ServiceBrowser
+
+    try:
+        names: queue.SimpleQueue[str] = queue.SimpleQueue()
+        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[_Collector(names)])
+        try:
+            return _collect(zc, names, time.monotonic() + seconds)
+        finally:
+            browser.cancel()
+    finally:
+        zc.close()
+
+
+def parse_record(
+    instance: str,
+    properties: Mapping[bytes, bytes | None],
+    addresses: Sequence[str],
+    port: int | None,
+    now: float,
+) -> DiscoveredAgent:
+    """Validate one record's TXT, addresses and port; raise RecordError when it is not an agent."""
+    txt = _decode_txt(properties)
+    if txt.get("proto") != PROTO_VERSION:
+        raise RecordError(f"protocol {txt.get('proto')!r}, expected {PROTO_VERSION!r}")
+    if not txt.get("ver"):
+        raise RecordError("no 'ver'")
+    if not port or not 0 < port < 65536:
+        raise RecordError(f"invalid port {port!r}")
+    if not addresses:
+        raise RecordError("no address")
+    fingerprint = txt.get("fp", "")
+    if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
+        raise RecordError("malformed 'fp'")
+    return DiscoveredAgent(
+        name=txt.get("name") or instance,
+        address=_best_address(addresses),
+        port=port,
+        arch=txt.get("arch", ""),
+        os=txt.get("os", ""),
+        runtimes=_parse_runtimes(txt.get("rt", "")),
+        labels=_parse_labels(txt.get("labels", "")),
+        fingerprint=fingerprint,
+        version=txt["ver"],
+        last_seen=now,
+    )
+
+
+class _Collector:
+    """A ServiceBrowser handler: queues the names of added or updated services."""
+
+    def __init__(self, names: queue.SimpleQueue[str]) -> None:
+        self.names = names
+
+    def __call__(
+        self, *, zeroconf: Zeroconf, service_type: str, name: str, state_change: Any
+    ) -> None:
+        if state_change.name != "Removed":
+            self.names.put(name)
+
+
+def _zeroconf_options(interfaces: str) -> dict[str, Any]:
+    from zeroconf import InterfaceChoice, IPVersion
+
+    chosen = [part.strip() for part in interfaces.split(",") if part.strip()]
+    if not chosen or chosen == ["all"]:
+        return {"interfaces": InterfaceChoice.All, "ip_version": IPVersion.V4Only}
+    v6 = any(":" in address for address in chosen)
+    return {"interfaces": chosen, "ip_version": IPVersion.All if v6 else IPVersion.V4Only}
+
+
+def _open_zeroconf(interfaces: str) -> Zeroconf | str:
+    """A Zeroconf bound to the chosen interfaces, or why it cannot be had."""
+    import warnings
+
+    from zeroconf import Zeroconf
+
+    with warnings.catch_warnings():
+        # A failed Zeroconf() leaves its socket to the garbage collector: no warning for that.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            return Zeroconf(**_zeroconf_options(interfaces))
+        except (OSError, ValueError) as exc:  # no multicast route, bad interface, port refused
+            return str(exc) or type(exc).__name__
+
+
+def _collect(zc: Zeroconf, names: queue.SimpleQueue[str], deadline: float) -> Browse:
+    """Resolve names as they arrive until the deadline; parse every record heard."""
+    seen: dict[str, None] = {}
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            name = names.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if name not in seen:
+            seen[name] = None
+            _resolve(zc, name, min(remaining, _RESOLVE_WAIT))
+    now = time.time()
+    agents: dict[str, DiscoveredAgent] = {}
+    for name in seen:  # from the cache, so the freshest TXT wins
+        agent = _parse_cached(zc, name, now)
+        if agent is not None:
+            agents[agent.name] = agent
+    return Browse(tuple(agents.values()), ignored=len(seen) - len(agents))
+
+
+def _resolve(zc: Zeroconf, name: str, wait: float) -> None:
+    """Ask for a record's SRV/TXT/A unless the announcement already brought them."""
+    from zeroconf import ServiceInfo
+
+    info = ServiceInfo(SERVICE_TYPE, name)
+    try:
+        if not info.load_from_cache(zc):
+            info.request(zc, timeout=wait * 1000)
+    except Exception as exc:  # noqa: BLE001 - a hostile record must never stop the browse
+        log.debug("ignoring mDNS record %.80r: cannot resolve it: %s", name, exc)
+
+
+def _parse_cached(zc: Zeroconf, name: str, now: float) -> DiscoveredAgent | None:
+    from zeroconf import ServiceInfo
+
+    try:
+        info = ServiceInfo(SERVICE_TYPE, name)
+        if not info.load_from_cache(zc):
+            raise RecordError("no SRV/TXT/address answer")
+        return parse_record(_instance(name), _properties(info), _addresses(info), info.port, now)
+    except Exception as exc:  # noqa: BLE001 - zeroconf's parsing of hostile bytes may raise anything
+        log.debug("ignoring mDNS record %.80r: %s", name, exc)
+        return None
+
+
+def _properties(info: ServiceInfo) -> Mapping[bytes, bytes | None]:
+    if len(info.text or b"") > TXT_MAX_BYTES:
+        raise RecordError(f"TXT record of {len(info.text or b'')} bytes (limit {TXT_MAX_BYTES})")
+    return info.properties
+
+
+def _addresses(info: ServiceInfo) -> list[str]:
+    return [str(address) for address in info.parsed_scoped_addresses()]
+
+
+def _instance(name: str) -> str:
+    return name[: -len(SERVICE_TYPE) - 1] if name.endswith(f".{SERVICE_TYPE}") else name
+
+
+def _decode_txt(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
+    """TXT keys and values as text; raise RecordError on non-UTF-8 or control characters."""
+    size = sum(len(k) + len(v or b"") + 2 for k, v in properties.items())
+    if size > TXT_MAX_BYTES:
+        raise RecordError(f"TXT record of {size} bytes (limit {TXT_MAX_BYTES})")
+    txt: dict[str, str] = {}
+    for raw_key, raw_value in properties.items():
+        try:
+            key, value = raw_key.decode(), (raw_value or b"").decode()
+        except UnicodeDecodeError:
+            raise RecordError(f"TXT {raw_key[:40]!r} is not UTF-8") from None
+        if _CONTROL.search(key) or _CONTROL.search(value):
+            raise RecordError(f"TXT {key[:40]!r} holds control characters")
+        txt[key.lower()] = value
+    return txt
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not _LABEL_KEY.fullmatch(key.strip()):
+            raise RecordError(f"malformed label {pair[:40]!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _parse_runtimes(text: str) -> tuple[str, ...]:
+    runtimes = tuple(filter(None, (part.strip() for part in text.split(","))))
+    if len(runtimes) > _MAX_RUNTIMES or not all(_RUNTIME.fullmatch(r) for r in runtimes):
+        raise RecordError("malformed 'rt'")
+    return runtimes
+
+
+def _best_address(addresses: Sequence[str]) -> str:
+    """An IPv4 address when there is one (link-local IPv6 needs a scope to be usable)."""
+    return next((a for a in addresses if ":" not in a), addresses[0])
+
+
+def _cached_rows(settings: Settings, found: Iterable[DiscoveredAgent]) -> list[dict[str, Any]]:
+    """Record what was found and read back the whole cache; no ledger is created for nothing."""
+    from mle_cli.ledger import Ledger, agents
+
+    found = list(found)
+    if not found and not settings.ledger_path.exists():
+        return []
+    ledger = Ledger(settings.ledger_path)
+    try:
+        if found:
+            agents.record_discovered(ledger, found)
+        rows = agents.discovered_agents(ledger, settings.agent_gone_after)
+    finally:
+        ledger.close()
+    for row in rows:
+        row["address"] = DiscoveredAgent(row["name"], row["address"], row["port"]).endpoint
+    return rows
+
+
+def _local_row(settings: Settings) -> dict[str, Any] | None:
+    """The embedded local agent, when it runs (it is never announced: loopback only)."""
+    from mle_cli.targets.local import LOCAL, local_agent_endpoint
+
+    endpoint = local_agent_endpoint(settings)
+    if endpoint is None:
+        return None
+    now = time.time()
+    row: dict[str, Any] = {
+        "name": LOCAL,
+        "address": endpoint.address,
+        "port": int(endpoint.address.rpartition(":")[2]),
+        "arch": "",
+        "os": "",
+        "runtimes": [],
+        "labels": {},
+        "fingerprint": "",
+        "version": "",
+        "source": "local",
+        "first_seen": now,
+        "last_seen": now,
+        "state": "up",
+    }
+    try:
+        row.update(asyncio.run(_local_facts(endpoint, settings.rpc_timeout)))
+    except MleError as exc:  # stopping, or not answering: listed, but not as up
+        log.debug("the local agent did not answer GetInfo: %s", exc)
+        row["state"] = "gone"
+    return row
+
+
+async def _local_facts(endpoint: Endpoint, rpc_timeout: float) -> dict[str, Any]:
+    """Facts from the local agent itself (GetInfo), in the listing's terms."""
+    from mle_cli.targets.connection import AgentConnection
+
+    conn = AgentConnection(endpoint, rpc_timeout)
+    try:
+        info = await conn.info()
+    finally:
+        await conn.close()
+    return {
+        "arch": info.arch,
+        "os": info.os,
+        "runtimes": list(info.runtimes),
+        "labels": dict(info.labels),
+        "version": info.agent_version,
+    }

@@ -1,0 +1,135 @@
+"""`mle agents` against a real `mle-agentd --announce`, both as subprocesses, mDNS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_helpers import Daemon, daemon, leak_check
+from tests.conftest import Project
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    yield from leak_check()
+
+
+@pytest.fixture
+def fleet(project: Project) -> Project:
+    """The project browsing on loopback, with short timings."""
+    project.env.update(
+        MLE_MDNS_INTERFACES=LOOPBACK, MLE_MDNS_BROWSE_SECONDS="1.0", MLE_AGENT_GONE_AFTER="1.0"
+    )
+    return project
+
+
+def _agentd(tmp_path: Path, interfaces: str = LOOPBACK) -> Any:
+    return daemon(
+        tmp_path,
+        "--name", "pi-01",
+        "--labels", "role=edge",
+        "--announce",
+        "--announce-interfaces", interfaces,
+        "--listen", "127.0.0.1:0",
+        "--http-listen", "off",
+    )  # fmt: skip
+
+
+def _listed(project: Project, *args: str) -> dict[str, dict[str, Any]]:
+    done = project.mle("agents", "--json", *args, check=True)
+    return {row["name"]: row for row in json.loads(done.stdout)}
+
+
+def _until(project: Project, state: str, timeout: float = 30.0) -> dict[str, Any]:
+    """`mle agents --json` until pi-01 is in `state`; its row."""
+    deadline = time.monotonic() + timeout
+    rows = _listed(project)
+    while rows.get("pi-01", {}).get("state") != state and time.monotonic() < deadline:
+        rows = _listed(project)
+    assert rows.get("pi-01", {}).get("state") == state, rows
+    return rows["pi-01"]
+
+
+def _announced(agentd: Daemon) -> None:
+    deadline = time.monotonic() + 30
+    while "announced on mDNS" not in agentd.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "announced on mDNS as pi-01" in agentd.stderr(), agentd.stderr()
+
+
+def test_mle_agents_lists_an_announced_agent_then_marks_it_gone(
+    fleet: Project, tmp_path: Path
+) -> None:
+    with _agentd(tmp_path) as agentd:
+        state = agentd.wait_ready()
+        row = _until(fleet, "up")
+        assert row["address"] == state["address"] and row["source"] == "mdns"
+        assert row["labels"] == {"role": "edge"} and row["version"] == state["version"]
+        assert row["arch"] and row["os"]
+        table = fleet.mle("agents", check=True).stdout
+        assert "pi-01" in table and "role=edge" in table and "mdns" in table
+        agentd.signal(signal.SIGTERM)
+        assert agentd.wait() == 0
+    gone = _until(fleet, "gone")  # withdrawn on drain, cached, not dropped
+    assert gone["address"] == state["address"]
+    assert _listed(fleet, "--cached")["pi-01"]["state"] == "gone"
+
+
+def test_mle_agents_shows_the_local_agent(fleet: Project) -> None:
+    started = fleet.mle("agent", "start", check=True).stdout
+    address = started.split()[-1]
+    try:
+        rows = _listed(fleet, "--cached")
+        local = rows["local"]
+        assert (local["source"], local["state"], local["address"]) == ("local", "up", address)
+        assert local["arch"] and local["os"] and local["version"]
+    finally:
+        fleet.mle("agent", "stop", check=True)
+    assert "local" not in _listed(fleet, "--cached")
+
+
+def test_watch_refreshes_until_interrupted(fleet: Project) -> None:
+    proc = fleet.spawn("agents", "--watch", "--json")
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline())
+    second = json.loads(proc.stdout.readline())  # after one bounded browse
+    proc.send_signal(signal.SIGINT)
+    code, _, err = fleet.finish(proc, timeout=30)
+    assert isinstance(first, list) and isinstance(second, list)
+    assert code == 0, err
+
+
+def test_avahi_browse_sees_the_agent(tmp_path: Path) -> None:
+    if shutil.which("avahi-browse") is None:
+        pytest.skip("avahi-browse is not installed")
+    probe = subprocess.run(
+        ["avahi-browse", "-t", "-p", "_mle-agent._tcp"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if "Daemon not running" in probe.stderr or probe.returncode != 0:
+        pytest.skip(f"avahi-daemon is not usable here: {probe.stderr.strip()[:120]}")
+    with _agentd(tmp_path, "all") as agentd:  # Avahi does not listen on loopback
+        agentd.wait_ready()
+        _announced(agentd)
+        seen = subprocess.run(
+            ["avahi-browse", "-t", "-r", "-p", "_mle-agent._tcp"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+    assert "pi-01" in seen and "proto=v1" in seen and "role=edge" in seen
