@@ -114,7 +114,10 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title
         table.add_row(*(_cell(column, row.get(column)) for column in columns))
     console = stdout_console()
     if not console.is_terminal:  # piped: data is never cut to fit 80 columns
-        console.width = max(console.width, console.measure(table).maximum)
+        from rich.measure import Measurement
+
+        unbounded = console.options.update(max_width=1_000_000)
+        console.width = max(console.width, Measurement.get(console, unbounded, table).maximum)
     console.print(table)
 
 

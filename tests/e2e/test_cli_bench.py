@@ -132,6 +132,18 @@ def test_bad_input_is_one_line(project: Project) -> None:
             "error: unknown target 'pi-01'; known targets: local",
         ),
         ((good, "--target", "local", "--seconds", "0"), 2, None),
+        # Not templates of the generated recipe: {{ run.id }} was rendered, {% blamed its file.
+        (
+            (good, "--target", "local", "--pick", "{{ run.id }}"),
+            2,
+            "error: --pick '{{ run.id }}' is not a budget such as p95<=20ms",
+        ),
+        (
+            (good, "--target", "local", "--pick", "p95<={% x %}"),
+            2,
+            "error: --pick 'p95<={% x %}' is not a budget such as p95<=20ms",
+        ),
+        ((good, "--target", " "), 2, "error: --target needs a target name (e.g. local)"),
     ]
     for args, code, line in cases:
         proc = project.mle("bench", *args)

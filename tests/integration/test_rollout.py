@@ -3,7 +3,7 @@ target): batches, the failure threshold, and the rollback of what the rollout al
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,13 @@ class Rollouts:
         self.endpoints = endpoints
         self.records: list[DeploymentRecord] = []
 
-    def roll_out(self, filename: str, targets: str, **fields: object) -> RolloutReport:
+    def roll_out(
+        self,
+        filename: str,
+        targets: str,
+        stop: Callable[[], bool] = lambda: False,
+        **fields: object,
+    ) -> RolloutReport:
         digest, size = self.store.put_file(MODELS / filename)
         plan = RolloutPlan(
             name="digits",
@@ -65,6 +71,7 @@ class Rollouts:
                 self.store,
                 plan,
                 self.records.append,
+                stop,
                 resolve=self.endpoints.__getitem__,
             ),
             timeout=240,
@@ -148,3 +155,53 @@ def test_failures_within_the_threshold_let_the_rollout_go_on(
         ("rollback", "b", 1),
     ]
     assert rollouts.route("a") == rollouts.route("b") == [(1, 100.0)]
+
+
+def test_a_rollback_restores_the_route_of_a_version_the_rollout_only_rerouted(
+    tmp_path: Path, agents: dict[str, Endpoint]
+) -> None:
+    # The agent holds the file already (v1), so the deploy creates nothing but moves the traffic
+    # back to v1: the rollback must move it to v2 again.
+    rollouts = Rollouts(tmp_path, agents)
+    assert rollouts.roll_out("digits_fp32.onnx", "a").ok
+    assert rollouts.roll_out("digits_int8.onnx", "a").ok
+    assert rollouts.route("a") == [(2, 100.0)]
+
+    rollouts.records.clear()
+    report = rollouts.roll_out("digits_fp32.onnx", "a bad", batch=1)
+    assert not report.ok
+    assert report.message.endswith("; rolled back: a"), report.message
+    assert rollouts.actions() == [("deploy", "a", 1), ("rollback", "a", 2)]
+    assert rollouts.route("a") == [(2, 100.0)]
+
+
+def test_a_target_already_serving_the_file_is_left_alone_by_a_rollback(
+    tmp_path: Path, agents: dict[str, Endpoint]
+) -> None:
+    rollouts = Rollouts(tmp_path, agents)
+    assert rollouts.roll_out("digits_fp32.onnx", "a").ok
+    rollouts.records.clear()
+    report = rollouts.roll_out("digits_fp32.onnx", "a bad", batch=1)
+    assert not report.ok
+    assert report.message.endswith("; rolled back: none"), report.message
+    assert rollouts.actions() == [("deploy", "a", 1)]
+    assert rollouts.route("a") == [(1, 100.0)]
+
+
+def test_a_cancel_during_the_smoke_test_stops_it_and_rolls_back(
+    tmp_path: Path, agents: dict[str, Endpoint]
+) -> None:
+    # Cancelled once the model is deployed, so the smoke test (minutes with a big file on a slow
+    # model) must give up at its next request, and the one batch must not end as a success.
+    rollouts = Rollouts(tmp_path, agents)
+    smoke = tmp_path / "smoke.npz"
+    smoke.write_bytes((MODELS / "digits_test.npz").read_bytes())
+    report = rollouts.roll_out(
+        "digits_fp32.onnx", "a", stop=lambda: bool(rollouts.records), smoke=smoke
+    )
+    assert not report.ok
+    assert report.message.startswith("rollout of digits stopped: the run was cancelled; ")
+    assert report.message.endswith("; rolled back: a"), report.message
+    assert report.metrics["failed"] == {"a": "digits v1 on a: smoke test cancelled"}
+    assert rollouts.actions() == [("deploy", "a", 1), ("undeploy", "a", None)]
+    assert rollouts.route("a") == []

@@ -181,6 +181,8 @@ def test_bad_files_are_one_line_and_exit_2(tmp_path: Path) -> None:
         ("notes.onnx",): "error: notes.onnx is not an ONNX or TFLite model",
         ("empty.tflite",): "error: empty.tflite is not an ONNX or TFLite model",
         ("missing.onnx",): "error: missing.onnx: no such model file",
+        (".",): "error: . is a directory, not a model file",
+        (str(good), "--eval", "."): "error: . is a directory, not an evaluation file",
         (str(good), "notes.onnx"): "error: notes.onnx is not an ONNX or TFLite model",
         (): "error: give one or more model files (.onnx, .tflite)",
     }

@@ -262,6 +262,8 @@ def test_fixed_batch_model_is_calibrated_a_row_at_a_time(work: Path) -> None:
         (["digits_int8.tflite"], "digits_int8.tflite is not an ONNX model (it is TFLite)"),
         (["garbage.onnx"], "garbage.onnx is not an ONNX model"),
         (["missing.onnx"], "missing.onnx: no such model file"),
+        (["."], ". is a directory, not a model file"),
+        (["digits_fp32.onnx", "--eval", "."], ". is a directory, not an evaluation file"),
         (["digits_fp32.onnx", "--mode", "int8-static"], "int8-static needs calibration data"),
         (
             ["digits_fp32.onnx", "--mode", "int8-static", "--calibration", "narrow.npy"],

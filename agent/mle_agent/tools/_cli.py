@@ -12,7 +12,15 @@ from typing import Any, NoReturn
 
 from mle_proto.errors import FailedPrecondition, InvalidInput, MleError, UsageError
 
-__all__ = ["ToolParser", "exit_code", "first_line", "run_tool", "size_text", "write_json"]
+__all__ = [
+    "ToolParser",
+    "exit_code",
+    "first_line",
+    "not_a_file",
+    "run_tool",
+    "size_text",
+    "write_json",
+]
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -61,3 +69,12 @@ def first_line(exc: BaseException) -> str:
     """The first non-blank line of a foreign exception (runtimes raise pages of text)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def not_a_file(path: Path, what: str) -> InvalidInput:
+    """The error for a path that is not a readable file: missing, a directory, or a device."""
+    if not path.exists():
+        return InvalidInput(f"{path}: no such {what} file")
+    kind = "a directory" if path.is_dir() else "not a regular file"
+    article = "an" if what[:1] in "aeiou" else "a"
+    return InvalidInput(f"{path} is {kind}, not {article} {what} file")

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mle_agent.tools._budget import Constraint, parse_budget
-from mle_agent.tools._cli import ToolParser, exit_code, run_tool, size_text, write_json
+from mle_agent.tools._cli import (
+    ToolParser,
+    exit_code,
+    not_a_file,
+    run_tool,
+    size_text,
+    write_json,
+)
 from mle_proto.errors import FailedPrecondition, InvalidInput, MleError, UsageError
 
 if TYPE_CHECKING:
@@ -139,7 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError("give one or more model files (.onnx, .tflite)")
     runtimes = [_runtime_of(path) for path in args.models]
     if args.eval_file is not None and not args.eval_file.is_file():
-        raise InvalidInput(f"{args.eval_file}: no such evaluation file")
+        raise not_a_file(args.eval_file, "evaluation")
     variants = [
         _run_variant(path, runtime, args.eval_file, seconds)
         for path, runtime in zip(args.models, runtimes, strict=True)
@@ -163,7 +170,7 @@ def _runtime_of(path: Path) -> str:
     from mle_agent.serving.runtimes import detect_runtime
 
     if not path.is_file():
-        raise InvalidInput(f"{path}: no such model file")
+        raise not_a_file(path, "model")
     return detect_runtime(path)
 
 

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mle_agent.serving.runtimes import detect_runtime, load_backend
-from mle_agent.tools._cli import ToolParser, first_line, run_tool, size_text, write_json
+from mle_agent.tools._cli import (
+    ToolParser,
+    first_line,
+    not_a_file,
+    run_tool,
+    size_text,
+    write_json,
+)
 from mle_agent.tools._data import accuracy, load_calibration, load_evaluation
 from mle_agent.tools._onnx_graph import compact, output_nodes, prepared
 from mle_proto.errors import FailedPrecondition, InvalidInput, UsageError
@@ -120,8 +127,8 @@ def default_output(model: Path, to: str = FORMATS[0]) -> Path:
 
 def quantize(options: QuantizeOptions) -> Quantized:
     """Quantize options.model; MleError (nothing written) when it cannot be done."""
+    _check_onnx_model(options.model)  # first: the default output is named after the file
     out = _check_options(options)
-    _check_onnx_model(options.model)
     _require_onnx()
     calibration, evaluation, before = _inputs(options)
     if options.to == "tflite":
@@ -196,7 +203,7 @@ def _check_options(options: QuantizeOptions) -> Path:
         raise UsageError("calibration data is used by --mode int8-static only")
     for path, what in ((options.calibration, "calibration"), (options.evaluation, "evaluation")):
         if path is not None and not path.is_file():
-            raise InvalidInput(f"{path}: no such {what} file")
+            raise not_a_file(path, what)
     out = options.out or default_output(options.model, options.to)
     if out.resolve() == options.model.resolve():
         raise UsageError(f"--out {out} is the model itself; it is never overwritten")
@@ -205,7 +212,7 @@ def _check_options(options: QuantizeOptions) -> Path:
 
 def _check_onnx_model(model: Path) -> None:
     if not model.is_file():
-        raise InvalidInput(f"{model}: no such model file")
+        raise not_a_file(model, "model")
     try:
         runtime = detect_runtime(model)
     except InvalidInput:

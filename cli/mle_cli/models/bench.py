@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from mle_cli import render
 from mle_cli.errors import RecipeError, RunFailed
 from mle_cli.states import Status
-from mle_proto.errors import FailedPrecondition, InvalidInput, MleError, NotFound
+from mle_proto.errors import FailedPrecondition, InvalidInput, MleError, NotFound, UsageError
 
 if TYPE_CHECKING:
     from mle_cli.recipe.plan import Plan
@@ -72,7 +72,7 @@ class BenchResult:
 def bench_models(settings: Settings, options: BenchOptions, drive: Driver) -> BenchResult:
     """Stage the files, run the generated recipe with `drive` (the CLI's run driver, around
     execute_plan), and read the step's figures from the ledger."""
-    _check_files(options)
+    _check_options(options)
     with _staged(settings, options) as plan:
         outcome = drive(plan)
     if outcome.status == Status.DETACHED:
@@ -125,7 +125,13 @@ def print_bench(result: BenchResult, json_out: bool) -> None:
     sys.stdout.write("".join(render.printable(line) + "\n" for line in lines))
 
 
-def _check_files(options: BenchOptions) -> None:
+def _check_options(options: BenchOptions) -> None:
+    """What can be told before a recipe is generated: the files, the target, the budget."""
+    if not options.target.strip():
+        raise UsageError("--target needs a target name (e.g. local)")
+    # The budget goes into the generated recipe: template syntax there would be evaluated.
+    if options.pick is not None and any(m in options.pick for m in ("{{", "{%", "{#")):
+        raise UsageError(f"--pick {options.pick!r} is not a budget such as p95<=20ms")
     if not options.models:
         raise InvalidInput("give one or more model files (.onnx, .tflite)")
     for path in (*options.models, *([options.eval_file] if options.eval_file else [])):

@@ -27,10 +27,10 @@ from mle_cli.models.deploy import (
 )
 from mle_cli.models.inputs import UNNAMED, TensorInfo, fit_inputs, require_numpy
 from mle_cli.models.predict import classes, infer_request, reply_outputs
-from mle_cli.models.routes import RouteChange
+from mle_cli.models.routes import RouteChange, RouteSpec, route_from_pb
 from mle_cli.settings import Settings
 from mle_cli.targets import Endpoint, resolve_target
-from mle_proto.errors import InvalidInput, MleError, NotFound
+from mle_proto.errors import Cancelled, InvalidInput, MleError, NotFound
 from mle_proto.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ class TargetResult:
 
     target: str
     version: int = 0
-    created: bool = False  # a new version was deployed (else nothing changed on the agent)
+    created: bool = False  # a new version was deployed
+    changed: bool = False  # the agent serves differently: a new version, or a known one re-routed
     served_before: bool = False
     accuracy: float | None = None
     error: str = ""
@@ -100,20 +101,21 @@ async def roll_out(
     stop: Callable[[], bool] = lambda: False,
     resolve: Callable[[str], Endpoint] | None = None,
 ) -> RolloutReport:
-    """Deploy batch by batch; stop and roll back once more than max_failures targets failed
-    (or when `stop()` turns true between batches). `resolve` finds a target's endpoint (default:
-    the targets the project knows)."""
+    """Deploy batch by batch; stop and roll back once more than max_failures targets failed, or
+    once `stop()` turns true (checked between batches and between smoke requests). `resolve`
+    finds a target's endpoint (default: the targets the project knows)."""
     smoke = None
     if plan.smoke is not None:
         smoke = load_smoke(plan.smoke, plan.smoke_label, plan.smoke_min_accuracy)
     find = resolve or (lambda target: resolve_target(target, settings))
-    rollout = _Rollout(settings, store, plan, smoke, record, find)
+    rollout = _Rollout(settings, store, plan, smoke, record, find, stop)
     results: list[TargetResult] = []
     for start in range(0, len(plan.targets), plan.batch):
-        if stop():
+        if not stop():
+            batch = plan.targets[start : start + plan.batch]
+            results += await asyncio.gather(*(rollout.deploy(t) for t in batch))
+        if stop():  # also after the last batch: a cancelled run leaves nothing changed
             return await rollout.abort(results, "the run was cancelled")
-        batch = plan.targets[start : start + plan.batch]
-        results += await asyncio.gather(*(rollout.deploy(t) for t in batch))
         if sum(1 for r in results if r.error) > plan.max_failures:
             return await rollout.abort(results, "")
     return rollout.report(results, ok=True)
@@ -152,6 +154,7 @@ class _Rollout:
         smoke: _Smoke | None,
         record: Record,
         resolve: Callable[[str], Endpoint],
+        stop: Callable[[], bool],
     ) -> None:
         self.settings = settings
         self.store = store
@@ -159,6 +162,7 @@ class _Rollout:
         self.smoke = smoke
         self.record = record
         self.resolve = resolve
+        self.stop = stop
 
     async def deploy(self, target: str) -> TargetResult:
         """Deploy to one target and smoke-test it; a failed smoke test undoes its change."""
@@ -166,7 +170,8 @@ class _Rollout:
         try:
             endpoint = await asyncio.to_thread(self.resolve, target)
             async with open_client(endpoint, self.settings.rpc_timeout) as client:
-                result.served_before = await _served(client, self.plan.name)
+                before = await _route(client, self.plan.name)
+                result.served_before = before is not None
                 options = DeployOptions(
                     model=self.plan.model.filename,
                     target=target,
@@ -178,13 +183,17 @@ class _Rollout:
                 outcome, record = await deploy_file(*args)
                 self.record(record)
                 result.version, result.created = outcome.version, outcome.created
+                # A known file is not a new version, but the agent may route it now: undo that too.
+                result.changed = outcome.created or outcome.route != before
                 if self.smoke is not None:
-                    result.accuracy = await _smoke_test(client, self.plan.name, result, self.smoke)
+                    result.accuracy = await _smoke_test(
+                        client, self.plan.name, result, self.smoke, self.stop
+                    )
         except MleError as e:
             result.error = str(e)
         if not result.error:
             result.error = self._smoke_failure(result)
-        if result.error and result.created:
+        if result.error and result.changed:
             await self.undo(result)
         return result
 
@@ -196,7 +205,7 @@ class _Rollout:
 
     async def undo(self, result: TargetResult) -> None:
         """Roll back what this rollout changed on a target (nothing when it changed nothing)."""
-        if not result.created or result.undone:
+        if not result.changed or result.undone:
             return
         try:
             endpoint = await asyncio.to_thread(self.resolve, result.target)
@@ -275,16 +284,17 @@ class _Rollout:
         return message
 
 
-async def _served(client: ModelsClient, name: str) -> bool:
-    """Whether the agent serves a model of this name already."""
+async def _route(client: ModelsClient, name: str) -> RouteSpec | None:
+    """How the agent serves a model of this name now; None when it does not know the model."""
     try:
-        return any(m.name == name for m in await client.models(name))
+        found = [m for m in await client.models(name) if m.name == name]
     except NotFound:
-        return False
+        return None
+    return route_from_pb(found[0].route) if found else None
 
 
 async def _smoke_test(
-    client: ModelsClient, name: str, result: TargetResult, smoke: _Smoke
+    client: ModelsClient, name: str, result: TargetResult, smoke: _Smoke, stop: Callable[[], bool]
 ) -> float:
     """Accuracy of the deployed version on the smoke rows, asked through OIP ModelInfer."""
     version = str(result.version)
@@ -294,6 +304,8 @@ async def _smoke_test(
     rows = min(fixed) if fixed else _SMOKE_BATCH  # a fixed batch (TFLite: 1) is sent as is
     predicted: list[int] = []
     for start in range(0, len(smoke.labels), rows):
+        if stop():  # a big smoke file on a slow model takes minutes: a cancel must not wait
+            raise Cancelled(f"{name} v{version} on {result.target}: smoke test cancelled")
         part = {k: v[start : start + rows] for k, v in smoke.feed.items()}
         reply = await client.infer(infer_request(name, version, fit_inputs(part, specs)))
         outputs = reply_outputs(reply)
