@@ -110,9 +110,11 @@ def test_watch_refreshes_until_interrupted(fleet: Project) -> None:
     assert code == 0, err
 
 
-def test_avahi_browse_sees_the_agent(tmp_path: Path) -> None:
-    if shutil.which("avahi-browse") is None:
-        pytest.skip("avahi-browse is not installed")
+def _require_avahi() -> None:
+    """Skip unless avahi-browse and avahi-publish can talk to a running avahi-daemon."""
+    for tool in ("avahi-browse", "avahi-publish"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian: avahi-utils)")
     probe = subprocess.run(
         ["avahi-browse", "-t", "-p", "_mle-agent._tcp"],
         capture_output=True,
@@ -122,6 +124,10 @@ def test_avahi_browse_sees_the_agent(tmp_path: Path) -> None:
     )
     if "Daemon not running" in probe.stderr or probe.returncode != 0:
         pytest.skip(f"avahi-daemon is not usable here: {probe.stderr.strip()[:120]}")
+
+
+def test_avahi_browse_sees_the_agent(tmp_path: Path) -> None:
+    _require_avahi()
     with _agentd(tmp_path, "all") as agentd:  # Avahi does not listen on loopback
         agentd.wait_ready()
         _announced(agentd)
@@ -133,3 +139,32 @@ def test_avahi_browse_sees_the_agent(tmp_path: Path) -> None:
             check=False,
         ).stdout
     assert "pi-01" in seen and "proto=v1" in seen and "role=edge" in seen
+
+
+def test_a_service_avahi_publishes_is_listed(project: Project) -> None:
+    _require_avahi()
+    project.env.update(MLE_MDNS_BROWSE_SECONDS="2.0")  # every interface: Avahi skips loopback
+    txt = ["proto=v1", "ver=0.1.0", "arch=aarch64", "os=Linux 6.1", "rt=onnxruntime"]
+    publisher = subprocess.Popen(
+        ["avahi-publish", "-s", "pi-avahi", "_mle-agent._tcp", "7443", *txt, "labels=role=edge"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        rows = _listed(project)
+        while "pi-avahi" not in rows and time.monotonic() < deadline:
+            rows = _listed(project)
+    finally:
+        publisher.terminate()
+        publisher.communicate(timeout=10)
+    row = rows.get("pi-avahi")
+    assert row is not None, rows
+    assert (row["arch"], row["os"], row["runtimes"], row["labels"]) == (
+        "aarch64",
+        "Linux 6.1",
+        ["onnxruntime"],
+        {"role": "edge"},
+    )
+    assert row["source"] == "mdns" and row["state"] == "up" and row["address"].endswith(":7443")
