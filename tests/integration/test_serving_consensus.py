@@ -22,8 +22,6 @@ from tests.integration._serving import (  # noqa: E402
     digit_rows,
     infer,
     model_status,
-    open_registry,
-    registry_settings,
     route,
 )
 
@@ -31,12 +29,6 @@ from tests.integration._serving import (  # noqa: E402
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     yield from leak_check()
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
-    with open_registry(registry_settings(tmp_path)) as opened:
-        yield opened
 
 
 def label_model(path: Path, weights: Any) -> Path:

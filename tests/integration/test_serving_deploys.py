@@ -45,12 +45,6 @@ def _no_leaks() -> Iterator[None]:
     yield from leak_check()
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
-    with open_registry(registry_settings(tmp_path)) as opened:
-        yield opened
-
-
 def shares(status: pb.ModelStatus) -> list[tuple[int, float]]:
     """The route's split as (version, percent) pairs."""
     return [(w.version, w.percent) for w in status.route.split]

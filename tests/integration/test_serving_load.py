@@ -31,10 +31,8 @@ from tests.integration._serving import (  # noqa: E402
     digit_rows,
     infer,
     model_status,
-    open_registry,
     other_signature_model,
     reference,
-    registry_settings,
     rollback,
     route,
     split,
@@ -45,12 +43,6 @@ from tests.integration._serving import (  # noqa: E402
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     yield from leak_check()
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
-    with open_registry(registry_settings(tmp_path)) as opened:
-        yield opened
 
 
 @dataclass

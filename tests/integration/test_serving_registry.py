@@ -50,12 +50,6 @@ def _no_leaks() -> Iterator[None]:
     yield from leak_check()
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
-    with open_registry(registry_settings(tmp_path)) as opened:
-        yield opened
-
-
 def test_deploy_then_infer_names_the_version_and_matches_the_runtime(
     registry: ModelRegistry,
 ) -> None:
