@@ -105,7 +105,7 @@ class AgentDeployer:
     def targets(self, placement: str, each: bool) -> list[str]:
         from mle_cli.targets import known_targets
 
-        known = known_targets()
+        known = known_targets(self._settings)
         matched = matching_targets(placement, known, each)
         unknown = [t for t in matched if t not in known]
         if unknown:  # before anything is deployed anywhere

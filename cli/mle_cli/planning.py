@@ -15,9 +15,9 @@ from mle_cli.targets import LOCAL, known_targets, local_agent_endpoint
 __all__ = ["check_placement", "describe_plan", "local_platform"]
 
 
-def check_placement(plan: Plan) -> None:
+def check_placement(plan: Plan, settings: Settings) -> None:
     """Every step's target exists; otherwise a located error naming the known targets."""
-    targets = known_targets()
+    targets = known_targets(settings)
     for step in plan.steps:
         if step.uses is None and step.target not in targets:
             raise RecipeError(
@@ -39,7 +39,7 @@ def local_platform() -> str:
 def describe_plan(plan: Plan, settings: Settings, *, use_cache: bool = True) -> dict[str, Any]:
     """Steps in order with their DAG stage, placement, rendered command, outputs and whether
     each would be cached, and why not."""
-    check_placement(plan)
+    check_placement(plan, settings)
     predictor = _CachePredictor(plan, settings, use_cache)
     stages: dict[str, int] = {}
     steps = []

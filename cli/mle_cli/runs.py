@@ -140,7 +140,7 @@ async def execute_plan(
     use_cache: bool = True,
 ) -> RunOutcome:
     """Record a new run of the plan in the ledger (or resume one) and drive it to a final state."""
-    check_placement(plan)
+    check_placement(plan, settings)
     run_id = run_id or new_run_id()
     store = ArtifactStore(settings.artifacts_dir)
     for shipped in plan.files:

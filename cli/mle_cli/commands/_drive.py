@@ -33,7 +33,7 @@ def drive_run(
 ) -> RunOutcome:
     """Run the plan (or resume the run `resume`) with progress on stderr; Ctrl-C asks whether
     to cancel or detach."""
-    check_placement(plan)  # a bad target is a recipe error, reported before any progress
+    check_placement(plan, settings)  # a bad target is a recipe error, reported before any progress
     run_id = resume or new_run_id()
     live = sys.stderr.isatty() if live is None else live
     progress: render.LiveProgress | render.PlainProgress

@@ -157,7 +157,7 @@ def _staged(settings: Settings, options: BenchOptions) -> Iterator[Plan]:
         recipe = folder / RECIPE
         recipe.write_text(_recipe_text(options, names))
         plan = compile_recipe(recipe)
-        _check_target(plan, options.target)
+        _check_target(plan, settings, options.target)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -231,15 +231,15 @@ def _check_outcome(outcome: RunOutcome) -> None:
     raise RunFailed(f"run {outcome.run_id}: benchmark {how} on {step.target}{detail}", hint=hint)
 
 
-def _check_target(plan: Plan, target: str) -> None:
+def _check_target(plan: Plan, settings: Settings, target: str) -> None:
     """An unknown target, said of --target rather than of the generated recipe's line."""
     from mle_cli.planning import check_placement
     from mle_cli.targets import known_targets
 
     try:
-        check_placement(plan)
+        check_placement(plan, settings)
     except RecipeError:
-        known = ", ".join(known_targets())
+        known = ", ".join(known_targets(settings))
         raise NotFound(f"unknown target {target!r}; known targets: {known}") from None
 
 

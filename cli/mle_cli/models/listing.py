@@ -60,7 +60,7 @@ def _endpoints(settings: Settings, target: str | None) -> tuple[list[Endpoint], 
     if target is not None:
         return [resolve_target(target, settings)], []
     endpoints, skipped = [], []
-    for name in known_targets():
+    for name in known_targets(settings):
         try:  # listing everything must not start agents as a side effect
             endpoints.append(resolve_target(name, settings, start=False))
         except NotFound:

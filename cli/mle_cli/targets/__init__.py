@@ -22,9 +22,11 @@ __all__ = [
 ]
 
 
-def known_targets() -> list[str]:
+def known_targets(settings: Settings) -> list[str]:
     """Names a step can be placed on."""
-    return [LOCAL]
+    from mle_cli.targets.fleet import fleet_targets
+
+    return [target.name for target in fleet_targets(settings)]
 
 
 def resolve_target(name: str, settings: Settings, *, start: bool = True) -> Endpoint:
@@ -36,4 +38,4 @@ def resolve_target(name: str, settings: Settings, *, start: bool = True) -> Endp
         if endpoint is None:
             raise NotFound("the local agent is not running")
         return endpoint
-    raise NotFound(f"unknown target {name!r}; known targets: {', '.join(known_targets())}")
+    raise NotFound(f"unknown target {name!r}; known targets: {', '.join(known_targets(settings))}")

@@ -93,6 +93,9 @@ class AgentConnection:
         self._present: set[str] = set()  # digests the agent is known to hold
         self._last_seen = time.monotonic()
         self._heartbeats: asyncio.Task[None] | None = None
+        self.last_heartbeat: pb.AgentHeartbeat | None = None
+        # Called with each heartbeat received (e.g. to record its metrics in the ledger).
+        self.on_heartbeat: Callable[[pb.AgentHeartbeat], None] | None = None
 
     def silent_for(self) -> float:
         """Seconds since the last heartbeat (0 when heartbeats are not followed)."""
@@ -115,6 +118,9 @@ class AgentConnection:
                     if beat.boot_id != self.boot_id:  # restarted: its store may have changed
                         self._present.clear()
                     self.boot_id = beat.boot_id
+                    self.last_heartbeat = beat
+                    if self.on_heartbeat is not None:
+                        self.on_heartbeat(beat)
             except grpc.RpcError as e:
                 log.debug("heartbeats from %s broke: %s", self.name, e.code())
             finally:
