@@ -8,7 +8,6 @@ The scheduler knows only the Deployer interface; `AgentDeployer` is the one that
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,10 +16,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mle_cli.attempts import result
 from mle_cli.errors import RecipeError
 from mle_cli.ledger import DeploymentRecord, Ledger, LedgerWriter, deployments
+from mle_cli.placement import describe_targets, matching
 from mle_cli.recipe import DeploySpec, OptionProblem, deploy_spec, render_options
 from mle_cli.recipe.plan import Plan, Step
 from mle_cli.settings import Settings
 from mle_cli.states import Status
+from mle_cli.targets.fleet import Target
 from mle_cli.tasksteps import RunHost, StepOutcome
 from mle_proto.errors import MleError, NotFound, UsageError
 from mle_proto.store import ArtifactStore
@@ -81,13 +82,12 @@ class Deployer(Protocol):
         ...
 
 
-def matching_targets(placement: str, known: Sequence[str], each: bool) -> list[str]:
-    """The known targets a placement names: all matches with `each`, else exactly one."""
-    if not _GLOB & set(placement):
-        return [placement]  # a name: an unknown one is reported when it is resolved
-    matched = sorted(t for t in known if fnmatch.fnmatchcase(t, placement))
+def matching_targets(placement: str, targets: Sequence[Target], each: bool) -> list[str]:
+    """The targets a placement selects: all matches with `each`, else exactly one."""
+    matched = sorted(t.name for t in matching(placement, targets))
     if not matched:
-        raise NotFound(f"no target matches {placement!r}; known targets: {', '.join(known)}")
+        seen = describe_targets(targets)
+        raise NotFound(f"no target matches {placement!r}; targets seen: {seen}")
     if not each and len(matched) > 1:
         raise UsageError(
             f"on: {placement!r} matches {len(matched)} targets ({', '.join(matched)}): "
@@ -103,14 +103,9 @@ class AgentDeployer:
         self._settings = settings
 
     def targets(self, placement: str, each: bool) -> list[str]:
-        from mle_cli.targets import known_targets
+        from mle_cli.targets.fleet import fleet_targets
 
-        known = known_targets(self._settings)
-        matched = matching_targets(placement, known, each)
-        unknown = [t for t in matched if t not in known]
-        if unknown:  # before anything is deployed anywhere
-            raise NotFound(f"unknown target {unknown[0]!r}; known targets: {', '.join(known)}")
-        return matched
+        return matching_targets(placement, fleet_targets(self._settings), each)
 
     async def deploy(
         self,

@@ -7,26 +7,40 @@ import platform
 from typing import Any
 
 from mle_cli.errors import RecipeError
+from mle_cli.placement import explain
 from mle_cli.recipe import render_step
 from mle_cli.recipe.plan import Plan, Step
 from mle_cli.settings import Settings
-from mle_cli.targets import LOCAL, known_targets, local_agent_endpoint
+from mle_cli.targets import LOCAL, local_agent_endpoint
+from mle_cli.targets.fleet import Target
+from mle_cli.targets.selectors import Selector
 
-__all__ = ["check_placement", "describe_plan", "local_platform"]
+__all__ = ["describe_plan", "local_platform", "place"]
 
 
-def check_placement(plan: Plan, settings: Settings) -> None:
-    """Every step's target exists; otherwise a located error naming the known targets."""
-    targets = known_targets(settings)
-    for step in plan.steps:
-        if step.uses is None and step.target not in targets:
-            raise RecipeError(
-                f"no target {step.target!r}; known targets: {', '.join(targets)}",
-                file=step.location.file,
-                line=step.location.line,
-                col=step.location.col,
-                key=f"steps.{step.id}.on",
-            )
+def place(plan: Plan, settings: Settings) -> Plan:
+    """The plan placed on the fleet: selectors checked (a located error naming the targets seen
+    when one matches nothing) and `each:` steps expanded. The mDNS cache is refreshed by a
+    bounded browse first when the plan places a step by glob, labels or `each`, or names a
+    target the cache does not have."""
+    return _placed(plan, settings)[0]
+
+
+def _placed(plan: Plan, settings: Settings) -> tuple[Plan, list[Target]]:
+    from mle_cli.placement import place_plan
+    from mle_cli.targets.fleet import fleet_targets
+
+    remote = [s for s in plan.steps if s.target != LOCAL and (s.uses is None or s.each)]
+    fresh = any(s.each or Selector.parse(s.target).single_name is None for s in remote)
+    browse = fresh and settings.mdns_browse_seconds > 0
+    targets = fleet_targets(settings, browse=browse)
+    try:
+        return place_plan(plan, targets), targets
+    except RecipeError:
+        if browse or not remote or settings.mdns_browse_seconds <= 0:
+            raise
+    targets = fleet_targets(settings, browse=True)
+    return place_plan(plan, targets), targets
 
 
 def local_platform() -> str:
@@ -39,14 +53,15 @@ def local_platform() -> str:
 def describe_plan(plan: Plan, settings: Settings, *, use_cache: bool = True) -> dict[str, Any]:
     """Steps in order with their DAG stage, placement, rendered command, outputs and whether
     each would be cached, and why not."""
-    check_placement(plan, settings)
+    plan, targets = _placed(plan, settings)
     predictor = _CachePredictor(plan, settings, use_cache)
     stages: dict[str, int] = {}
     steps = []
     try:
         for step in plan.steps:
             stages[step.id] = 1 + max((stages[n] for n in step.needs), default=0)
-            steps.append(_describe_step(plan, step, stages[step.id], predictor.predict(step)))
+            described = _describe_step(plan, step, stages[step.id], predictor.predict(step))
+            steps.append({**described, "placement": explain(step, targets)})
     finally:
         predictor.close()
     local_state = "running" if local_agent_endpoint(settings) else "started on demand"
@@ -57,9 +72,18 @@ def describe_plan(plan: Plan, settings: Settings, *, use_cache: bool = True) -> 
         "hash": plan.hash,
         "params": dict(plan.params),
         "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in plan.files],
-        "targets": {LOCAL: f"embedded agent on 127.0.0.1 ({local_state})"},
+        "targets": {
+            LOCAL: f"embedded agent on 127.0.0.1 ({local_state})",
+            **{t.name: _target_note(t) for t in targets if t.name != LOCAL},
+        },
         "steps": steps,
     }
+
+
+def _target_note(target: Target) -> str:
+    where = target.address or "address not known yet"
+    labels = ",".join(f"{k}={v}" for k, v in sorted(target.labels.items()))
+    return f"{where} ({target.source}, {target.state}{', ' + labels if labels else ''})"
 
 
 def _describe_step(plan: Plan, step: Step, stage: int, cache: dict[str, str]) -> dict[str, Any]:

@@ -270,7 +270,7 @@ def print_plan(plan: Mapping[str, Any]) -> None:
     for step in plan["steps"]:
         needs = ", ".join(step["needs"]) or "-"
         console.print(
-            f"  stage {step['stage']}  [bold]{escape(step['id'])}[/] on {escape(step['target'])}"
+            f"  stage {step['stage']}  [bold]{escape(step['id'])}[/] on {escape(step['placement'])}"
             f"  needs: {escape(needs)}"
         )
         if step["uses"]:

@@ -9,20 +9,32 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from mle_cli import faults
 from mle_cli.deploying import AgentDeployer
 from mle_cli.executor import Executor
 from mle_cli.ledger import Ledger, LedgerWriter
-from mle_cli.planning import check_placement
+from mle_cli.placement import Load, choose, matching
 from mle_cli.recipe.plan import Plan
 from mle_cli.recovery import load_prior
 from mle_cli.scheduler import Progress, RunOutcome, Scheduler, SchedulerOptions
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
 from mle_cli.targets import resolve_target
-from mle_proto.errors import FailedPrecondition, InvalidInput, MleError, NotFound
+from mle_cli.targets.fleet import fleet_targets
+from mle_cli.targets.selectors import Selector
+from mle_proto.errors import (
+    AgentUnavailable,
+    FailedPrecondition,
+    InvalidInput,
+    MleError,
+    NotFound,
+)
 from mle_proto.store import ArtifactStore
+
+if TYPE_CHECKING:
+    from mle_cli.targets.connection import AgentConnection
 
 __all__ = [
     "RunControl",
@@ -74,16 +86,25 @@ class RunControl:
 
 
 class _Executors:
-    """One connection per target, opened on first use, and opened again once its agent has been
-    silent past the grace period (a restarted local agent listens on a new port)."""
+    """One connection per agent, opened on first use, and opened again once its agent has been
+    silent past the grace period (a restarted local agent listens on a new port). A step placed
+    by glob or labels goes to one of the matching agents that answers: a free slot first, then
+    the lowest load; agents lost or unreachable lately are tried only when no other one is."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._open: dict[str, asyncio.Task[Executor]] = {}
-        self._all: list[asyncio.Task[Executor]] = []
+        self._open: dict[str, asyncio.Task[AgentConnection]] = {}
+        self._all: list[asyncio.Task[AgentConnection]] = []
+        self._failed: dict[str, float] = {}  # agent -> when connecting to it last failed
 
-    async def get(self, target: str) -> Executor:
-        task = self._open.get(target)
+    async def get(self, placement: str) -> Executor:
+        name = Selector.parse(placement).single_name
+        if name is not None:
+            return await self._agent(name)
+        return await self._place(placement)
+
+    async def _agent(self, name: str) -> AgentConnection:
+        task = self._open.get(name)
         if task is not None and task.done() and not task.cancelled():
             stale = task.exception() is not None
             if not stale and task.result().silent_for() > self._settings.agent_grace:
@@ -91,12 +112,41 @@ class _Executors:
             if stale:
                 task = None
         if task is None:
-            task = asyncio.create_task(self._connect(target))
-            self._open[target] = task
+            task = asyncio.create_task(self._connect(name))
+            self._open[name] = task
             self._all.append(task)
-        return await task
+        try:
+            return await task
+        except MleError:
+            self._failed[name] = time.monotonic()
+            raise
 
-    async def _connect(self, target: str) -> Executor:
+    async def _place(self, placement: str) -> AgentConnection:
+        targets = await asyncio.to_thread(fleet_targets, self._settings)
+        names = [t.name for t in matching(placement, targets)]
+        names = [n for n in names if not self._lost(n)] or names
+        results = await asyncio.gather(*(self._agent(n) for n in names), return_exceptions=True)
+        answered = {
+            n: r for n, r in zip(names, results, strict=True) if not isinstance(r, BaseException)
+        }
+        if not answered:
+            why = "; ".join(f"{n}: {r}" for n, r in zip(names, results, strict=True)) or "none"
+            raise AgentUnavailable(f"no agent matching {placement!r} answers ({why})")
+        loads = [Load(n, c.free_slots(), c.load()) for n, c in answered.items()]
+        chosen = answered[choose(loads) or names[0]]
+        chosen.promise()
+        return chosen
+
+    def _lost(self, name: str) -> bool:
+        """Whether the agent was silent past the grace period, or unreachable within it."""
+        if time.monotonic() - self._failed.get(name, -1e9) < self._settings.agent_grace:
+            return True
+        task = self._open.get(name)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return False
+        return task.result().silent_for() > self._settings.agent_grace
+
+    async def _connect(self, target: str) -> AgentConnection:
         from mle_cli.targets.connection import connect
 
         endpoint = await asyncio.to_thread(resolve_target, target, self._settings)
@@ -139,8 +189,8 @@ async def execute_plan(
     resume: bool = False,
     use_cache: bool = True,
 ) -> RunOutcome:
-    """Record a new run of the plan in the ledger (or resume one) and drive it to a final state."""
-    check_placement(plan, settings)
+    """Record a new run of the plan in the ledger (or resume one) and drive it to a final state.
+    A new run's plan is placed first (`mle_cli.planning.place`)."""
     run_id = run_id or new_run_id()
     store = ArtifactStore(settings.artifacts_dir)
     for shipped in plan.files:

@@ -23,6 +23,7 @@ from mle_cli.recipe import (
     render_options,
     render_step,
 )
+from mle_cli.targets.fleet import Target
 from mle_proto.errors import MleError
 
 GOOD = Path(__file__).parent / "recipes" / "good"
@@ -229,6 +230,15 @@ def test_deploy_options_convert_to_numbers() -> None:
     )
 
 
+FLEET = [
+    Target("local", ""),
+    Target("pi-02", "10.0.0.12:7443", {"role": "edge"}, "mdns"),
+    Target("pi-03", "10.0.0.13:7443", {"role": "edge"}, "mdns", "gone"),
+    Target("pi-01", "10.0.0.11:7443", {"role": "edge", "site": "lab"}, "mdns"),
+    Target("srv-01", "10.0.0.2:7443", {"role": "server"}, "inventory"),
+]
+
+
 @pytest.mark.parametrize(
     ("placement", "each", "expected"),
     [
@@ -236,18 +246,31 @@ def test_deploy_options_convert_to_numbers() -> None:
         ("pi-01", False, ["pi-01"]),  # a name: resolving it says whether it exists
         ("pi-*", True, ["pi-01", "pi-02"]),
         ("pi-0[2]", False, ["pi-02"]),
+        ("role=edge", True, ["pi-01", "pi-02"]),
+        ("pi-* site=lab", False, ["pi-01"]),
     ],
 )
 def test_deploy_placement_matches_known_targets(
     placement: str, each: bool, expected: list[str]
 ) -> None:
-    assert matching_targets(placement, ["local", "pi-02", "pi-01"], each) == expected
+    assert matching_targets(placement, FLEET, each) == expected
 
 
 @pytest.mark.parametrize(
     ("placement", "each", "message"),
     [
-        ("gpu-*", True, "no target matches 'gpu-*'; known targets: local, pi-02, pi-01"),
+        (
+            "gpu-*",
+            True,
+            "no target matches 'gpu-*'; targets seen: local, pi-02 (role=edge), "
+            "pi-03 (role=edge, gone), pi-01 (role=edge, site=lab), srv-01 (role=server)",
+        ),
+        (
+            "pi-03",
+            False,
+            "no target matches 'pi-03'; targets seen: local, pi-02 (role=edge), "
+            "pi-03 (role=edge, gone), pi-01 (role=edge, site=lab), srv-01 (role=server)",
+        ),
         (
             "pi-*",
             False,
@@ -259,5 +282,5 @@ def test_deploy_placement_that_matches_no_or_too_many_targets_is_refused(
     placement: str, each: bool, message: str
 ) -> None:
     with pytest.raises(MleError) as caught:
-        matching_targets(placement, ["local", "pi-02", "pi-01"], each)
+        matching_targets(placement, FLEET, each)
     assert str(caught.value) == message

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from mle_cli import render
 from mle_cli.approvals import decide
 from mle_cli.errors import RunFailed
-from mle_cli.planning import check_placement
+from mle_cli.planning import place
 from mle_cli.recipe.plan import Plan
 from mle_cli.runs import RunControl, execute_plan, new_run_id
 from mle_cli.scheduler import RunOutcome
@@ -33,7 +33,8 @@ def drive_run(
 ) -> RunOutcome:
     """Run the plan (or resume the run `resume`) with progress on stderr; Ctrl-C asks whether
     to cancel or detach."""
-    check_placement(plan, settings)  # a bad target is a recipe error, reported before any progress
+    if resume is None:  # a bad target is a recipe error, reported before any progress
+        plan = place(plan, settings)
     run_id = resume or new_run_id()
     live = sys.stderr.isatty() if live is None else live
     progress: render.LiveProgress | render.PlainProgress

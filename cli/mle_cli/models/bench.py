@@ -233,11 +233,11 @@ def _check_outcome(outcome: RunOutcome) -> None:
 
 def _check_target(plan: Plan, settings: Settings, target: str) -> None:
     """An unknown target, said of --target rather than of the generated recipe's line."""
-    from mle_cli.planning import check_placement
+    from mle_cli.planning import place
     from mle_cli.targets import known_targets
 
     try:
-        check_placement(plan, settings)
+        place(plan, settings)
     except RecipeError:
         known = ", ".join(known_targets(settings))
         raise NotFound(f"unknown target {target!r}; known targets: {known}") from None

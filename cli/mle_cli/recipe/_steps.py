@@ -7,9 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mle_cli.recipe._builtins import parse_options, parse_uses
-from mle_cli.recipe._deploy import DEPLOY
 from mle_cli.recipe._fields import (
-    NOT_YET,
     TemplateSource,
     check_keys,
     closest,
@@ -22,6 +20,7 @@ from mle_cli.recipe._fields import (
 )
 from mle_cli.recipe._loader import Document, KeyPath, describe
 from mle_cli.recipe._matrix import Axis, parse_matrix
+from mle_cli.recipe._placement import parse_placement
 from mle_cli.recipe._tasks import TASK_BUILTINS, TaskCommand, compile_task
 from mle_cli.recipe.plan import RetryPolicy, Step
 
@@ -121,7 +120,7 @@ def _parse_step(doc: Document, step_id: str, value: object, defaults: Defaults) 
         env={**defaults.env, **env},
         needs=tuple(name for _, name in needs),
         outputs=tuple(name for _, name in outputs),
-        target=_target(doc, (*path, "on"), body.get("on", "local")),
+        target=parse_placement(doc, (*path, "on"), body.get("on", "local")),
         retries=_policy({**defaults.retries, **retries}),
         timeout=_step_timeout(doc, path, body, defaults),
         location=doc.location(path, at_key=True),
@@ -295,13 +294,6 @@ def _step_timeout(
     return own if own is not None else defaults.timeout
 
 
-def _target(doc: Document, path: KeyPath, value: object) -> str:
-    """Placement: a string (`local`, a target name, a glob); the scheduler resolves it."""
-    if isinstance(value, dict):
-        raise doc.error(path, f"placement by names and labels {NOT_YET}; use a target name")
-    return expect_str(doc, path, value, "a target name (e.g. local)")
-
-
 def _when(doc: Document, path: KeyPath, value: object) -> str | None:
     """The condition's source (checked once the graph is known); true/false are kept as text."""
     if value is None:
@@ -324,13 +316,10 @@ def _trigger(doc: Document, path: KeyPath, value: object) -> str:
 
 
 def _each(doc: Document, path: KeyPath, body: dict[str, object], uses: str | None) -> bool:
-    """`each: true`: once per matching target; mle/deploy takes it (the gates refuse it earlier)."""
+    """`each: true`: once per matching target (the gates refuse it earlier)."""
     if "each" not in body:
         return False
     where = (*path, "each")
-    if uses != DEPLOY:
-        message = f"'each' on a step that runs a command {NOT_YET} (mle/deploy takes it)"
-        raise doc.error(where, message, at_key=True, label=path)
     value = body["each"]
     if not isinstance(value, bool):
         raise doc.error(where, f"expected true or false, got {describe(value)}")

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _MAX_MESSAGE = 4 * 1024 * 1024
 _GET_ATTEMPTS = 4
+_PROMISE_SECONDS = 10.0
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -87,7 +88,7 @@ class AgentConnection:
         self._channel = grpc.aio.insecure_channel(endpoint.address, options=_CHANNEL_OPTIONS)
         self._agent = rpc.AgentStub(self._channel)
         self._artifacts = rpc.ArtifactsStub(self._channel)
-        self._slots = asyncio.Semaphore(1)
+        self.set_slots(1)
         self.platform = "unknown"
         self.boot_id = ""
         self._present: set[str] = set()  # digests the agent is known to hold
@@ -129,11 +130,30 @@ class AgentConnection:
 
     def set_slots(self, slots: int) -> None:
         """How many attempts may run on this agent at once."""
+        self.slots = slots
+        self.busy = 0  # slots held by attempts
+        self._promised: list[float] = []  # when steps placed here were promised a slot
         self._slots = asyncio.Semaphore(slots)
 
     def slot(self) -> AbstractAsyncContextManager[None]:
         """Held while an attempt runs."""
-        return _SemaphoreSlot(self._slots)
+        return _Slot(self)
+
+    def promise(self) -> None:
+        """Count a slot as taken by a step just placed here, until its attempt holds one."""
+        self._promised.append(time.monotonic())
+
+    def free_slots(self) -> int:
+        """Slots neither held by an attempt nor promised to a step about to start one (a promise
+        lapses after a while: a step may end without running, e.g. from the cache)."""
+        now = time.monotonic()
+        self._promised = [t for t in self._promised if now - t < _PROMISE_SECONDS]
+        return self.slots - self.busy - len(self._promised)
+
+    def load(self) -> float:
+        """The agent's 1-minute load average per slot, from its last heartbeat (0 before one)."""
+        beat = self.last_heartbeat
+        return beat.load1 / max(1, self.slots) if beat is not None else 0.0
 
     async def info(self) -> pb.AgentInfo:
         """The agent's facts."""
@@ -241,15 +261,19 @@ class AgentConnection:
             raise from_rpc_error(e, agent=self.name) from None
 
 
-class _SemaphoreSlot:
-    def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore = semaphore
+class _Slot:
+    def __init__(self, conn: AgentConnection) -> None:
+        self._conn = conn
 
     async def __aenter__(self) -> None:
-        await self._semaphore.acquire()
+        await self._conn._slots.acquire()
+        self._conn.busy += 1
+        if self._conn._promised:
+            self._conn._promised.pop(0)
 
     async def __aexit__(self, *exc: object) -> None:
-        self._semaphore.release()
+        self._conn.busy -= 1
+        self._conn._slots.release()
 
 
 def _task_spec(request: TaskRequest) -> pb.TaskSpec:

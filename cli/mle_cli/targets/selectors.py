@@ -51,12 +51,17 @@ class Selector:
         names = tuple(dict.fromkeys(names))
         for name in names:
             if not _NAME_GLOB.fullmatch(name):
-                raise SelectorError(f"{name!r} is not a target name or glob")
+                raise SelectorError(
+                    f"{name!r} is not a target name or glob (letters, digits, . _ - and * ? [ ])"
+                )
         for key, value in labels.items():
             if not LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
-                raise SelectorError(f"{key}={value} is not a valid label")
+                raise SelectorError(
+                    f"label {key}={value!r} is not valid: use letters, digits and . _ / - "
+                    "(values may also hold : @ +, up to 63 characters)"
+                )
         if not names and not labels:
-            raise SelectorError("names no target: give a name, a glob or labels")
+            raise SelectorError("selects nothing: give a target name, a glob or labels")
         return cls(names, tuple(sorted(labels.items())))
 
     @property
