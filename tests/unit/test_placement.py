@@ -119,3 +119,19 @@ def test_choose_prefers_a_free_slot_then_the_lowest_load_then_the_name() -> None
         choose([Load("a", 0, 0.2), Load("b", 0, 0.1)]) == "b"
     )  # all busy: wait on the least loaded
     assert choose([]) is None
+
+
+def test_on_may_be_a_template_of_params_rendered_when_the_recipe_compiles(tmp_path: Path) -> None:
+    text = (
+        'name: t\nparams: {edge: local}\nsteps:\n  a:\n    run: echo\n    on: "{{ params.edge }}"\n'
+    )
+    assert _plan(tmp_path, text).step("a").target == "local"
+    recipe = tmp_path / "fleet.yaml"
+    assert compile_recipe(recipe, {"edge": "role=edge"}).step("a").target == "role=edge"
+    assert compile_recipe(recipe, {"edge": "pi-* role=edge"}).step("a").target == "pi-* role=edge"
+    with pytest.raises(RecipeError) as caught:
+        compile_recipe(recipe, {"edge": "pi 01;rm"})
+    assert str(caught.value) == (
+        f"{recipe}:6:9: steps.a.on: renders to 'pi 01;rm': '01;rm' is not a target name or "
+        "glob (letters, digits, . _ - and * ? [ ])"
+    )

@@ -13,6 +13,7 @@ from mle_cli.recipe._files import ship_files
 from mle_cli.recipe._graph import check_outputs, expand_steps, order_steps
 from mle_cli.recipe._loader import Document, load_document
 from mle_cli.recipe._params import resolve_params
+from mle_cli.recipe._placement import render_placements
 from mle_cli.recipe._references import step_scopes
 from mle_cli.recipe._steps import Defaults, ParsedStep, parse_defaults, parse_steps
 from mle_cli.recipe._templates import check_templates
@@ -34,6 +35,7 @@ def compile_recipe(path: Path, overrides: Mapping[str, str] | None = None) -> Pl
     params = resolve_params(doc, data.get("params"), overrides or {})
     defaults = parse_defaults(doc, data.get("defaults"))
     parsed = expand_steps(doc, parse_steps(doc, data.get("steps"), defaults))
+    parsed = render_placements(doc, params, parsed)
     ordered = order_steps(doc, parsed)
     files = ship_files(doc, data.get("files"))
     need_paths = {p.step.id: p.need_paths for p in ordered}

@@ -27,7 +27,7 @@ from mle_cli.recipe._namespaces import (
 from mle_cli.recipe._references import StepScope
 from mle_cli.recipe.plan import ParamValue, Plan, Step
 
-__all__ = ["RenderedStep", "check_templates", "render_options", "render_step"]
+__all__ = ["RenderedStep", "check_templates", "render_options", "render_placement", "render_step"]
 
 _NAMES = ("params", "matrix", "steps", "run", "target")
 # Stand-ins used to render every template once at compile time, to catch errors early.
@@ -71,6 +71,16 @@ def render_options(
         key: render(value, f"steps.{step.id}.with.{key}") if isinstance(value, str) else value
         for key, value in step.options.items()
     }
+
+
+def render_placement(
+    text: str, params: Mapping[str, ParamValue], matrix: Mapping[str, ParamValue]
+) -> str:
+    """An `on:` template, rendered at compile time: it sees params and matrix values only."""
+    context: dict[str, object] = {"params": Namespace(("params",), params)}
+    if matrix:
+        context["matrix"] = Namespace(("matrix",), matrix)
+    return _render(text, context, quote=False)
 
 
 def check_templates(
