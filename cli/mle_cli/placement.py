@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mle_cli.errors import RecipeError
-from mle_cli.recipe import DEPLOY
+from mle_cli.recipe import DEPLOY, SELECT
 from mle_cli.recipe.plan import Plan, Step
 from mle_cli.targets.fleet import Target
 from mle_cli.targets.local import LOCAL
@@ -54,6 +54,7 @@ def place_plan(plan: Plan, targets: Sequence[Target]) -> Plan:
             children[step.id] = [_child(step, t.name) for t in found]
     if not children:
         return plan
+    _check_collisions(plan, children)
     steps: list[Step] = []
     for step in plan.steps:
         needs = tuple(n for need in step.needs for n in _ids(need, children))
@@ -106,6 +107,22 @@ def _no_match(step: Step, targets: Sequence[Target]) -> RecipeError:
         col=step.location.col,
         key=f"steps.{step.group or step.id}.on",
     )
+
+
+def _check_collisions(plan: Plan, children: Mapping[str, list[Step]]) -> None:
+    """A step needing an `each:` step with outputs would get one copy per target, at one path."""
+    for step in plan.steps:
+        clashing = [n for n in step.needs if n in children and plan.step(n).outputs]
+        if clashing and step.uses != SELECT and len(children[clashing[0]]) > 1:
+            need = plan.step(clashing[0])
+            raise RecipeError(
+                f"needs {need.id}, which runs on each of {len(children[need.id])} targets and "
+                f"each writes {need.outputs[0]}: use mle/select to pick one, or drop its outputs",
+                file=step.location.file,
+                line=step.location.line,
+                col=step.location.col,
+                key=f"steps.{step.group or step.id}.needs",
+            )
 
 
 def _on_operator(step: Step) -> bool:

@@ -135,3 +135,15 @@ def test_on_may_be_a_template_of_params_rendered_when_the_recipe_compiles(tmp_pa
         f"{recipe}:6:9: steps.a.on: renders to 'pi 01;rm': '01;rm' is not a target name or "
         "glob (letters, digits, . _ - and * ? [ ])"
     )
+
+
+def test_a_step_needing_every_targets_copy_of_one_output_is_refused(tmp_path: Path) -> None:
+    text = RECIPE.replace('echo "{{ target.name }}"', "hostname > where.txt").replace(
+        "    each: true\n", "    each: true\n    outputs: [where.txt]\n"
+    )
+    with pytest.raises(RecipeError) as caught:
+        place_plan(_plan(tmp_path, text), FLEET)
+    assert str(caught.value).endswith(
+        "steps.report.needs: needs probe, which runs on each of 2 targets and each writes "
+        "where.txt: use mle/select to pick one, or drop its outputs"
+    )

@@ -11,6 +11,7 @@ from mle_cli.recipe._deploy import DEPLOY, DeploySpec, OptionProblem, deploy_spe
 from mle_cli.recipe._durations import parse_duration
 from mle_cli.recipe._expressions import evaluate_when
 from mle_cli.recipe._params import parse_overrides
+from mle_cli.recipe._references import APPROVE, SELECT
 from mle_cli.recipe._templates import RenderedStep, render_options, render_step
 from mle_cli.recipe.plan import (
     ParamValue,
@@ -24,7 +25,9 @@ from mle_cli.recipe.plan import (
 )
 
 __all__ = [
+    "APPROVE",
     "DEPLOY",
+    "SELECT",
     "DeploySpec",
     "OptionProblem",
     "ParamValue",
