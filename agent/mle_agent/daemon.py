@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = build_settings(vars(args), os.environ, args.config)
+        if args.make_csr is not None:  # before the listen check: TLS is what this prepares
+            return _make_csr(settings, args.make_csr)
         check_listen_security(settings)
         check_http_settings(settings)
     except MleError as exc:
@@ -86,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-ca", help="CA certificate (PEM) that client certificates must chain to")
     add("--insecure", action="store_true", default=None, help="allow non-loopback without TLS")
     add(
+        "--make-csr",
+        type=Path,
+        metavar="PATH",
+        help="write a certificate request for --name to PATH (its key stays in the data dir as "
+        "agent.key) for `mle agent sign`, and exit",
+    )
+    add(
         "--announce",
         action="store_true",
         default=None,
@@ -102,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (default 2)")
     add("--heartbeat-interval", type=float, help="seconds between heartbeats (default 1)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    parser.set_defaults(config=None)
+    parser.set_defaults(config=None, make_csr=None)
     return parser
 
 
@@ -262,6 +271,13 @@ def _configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # grpc's own logger is chatty at INFO about benign connection events.
     logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))
+
+
+def _make_csr(settings: AgentSettings, path: Path) -> int:
+    from mle_agent.identity import make_csr
+
+    print(make_csr(settings, path))  # noqa: T201 - the command's one line of output
+    return 0
 
 
 def _fail(exc: MleError) -> int:

@@ -20,7 +20,7 @@ from mle_agent.facts import agent_info
 from mle_agent.heartbeat import heartbeat_interval
 from mle_agent.tasks import TaskManager
 from mle_proto.errors import InvalidInput, MleError, NotFound, ResourceExhausted
-from mle_proto.store import CHUNK, ArtifactStore, parse_digest
+from mle_proto.store import CHUNK, ArtifactStore, parse_digest, tune_allocator
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as pb_grpc
 
@@ -148,6 +148,7 @@ class ArtifactsServicer(pb_grpc.ArtifactsServicer):
 
     def __init__(self, store: ArtifactStore) -> None:
         self._store = store
+        tune_allocator()  # transfers go through MiB-sized buffers: see mle_proto.store
 
     @_unary
     async def Stat(self, request: pb.StatRequest, context: Context) -> pb.StatResponse:

@@ -149,6 +149,9 @@ def build_settings(
     merged.update(_from_env(env))
     merged.update({k: v for k, v in flags.items() if v is not None and k in _FIELDS})
     settings = AgentSettings(**{k: _coerce(k, v) for k, v in merged.items()})
+    if settings.tls_cert is not None and settings.tls_key is None:
+        # the key `mle-agentd --make-csr` made, where it stays: in the data dir
+        settings = dataclasses.replace(settings, tls_key=settings.data_dir / "agent.key")
     _validate(settings)
     return settings
 

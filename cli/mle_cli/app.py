@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mle_cli.commands import agent, agents, bench, history, models, quantize, run
+from mle_cli.commands import agent, agents, bench, history, models, quantize, run, top
 
 __all__ = ["app", "main"]
 
@@ -58,6 +58,7 @@ models.register(app)
 quantize.register(app)
 bench.register(app)
 agents.register(app)
+top.register(app)
 app.add_typer(agent.app, name="agent")
 
 

@@ -14,10 +14,9 @@ from mle_cli.errors import RecipeError
 from mle_cli.recipe import DEPLOY, SELECT
 from mle_cli.recipe.plan import Plan, Step
 from mle_cli.targets.fleet import Target
-from mle_cli.targets.local import LOCAL
 from mle_cli.targets.selectors import Selector
 
-__all__ = ["Load", "choose", "describe_targets", "explain", "matching", "place_plan", "placeable"]
+__all__ = ["Load", "choose", "describe_targets", "explain", "matching", "place_plan"]
 
 
 @dataclass(frozen=True)
@@ -29,15 +28,10 @@ class Load:
     load: float  # 1-minute load average per slot (0 when not known yet)
 
 
-def placeable(target: Target) -> bool:
-    """Whether a step can be sent there: the local agent, or a target not gone with an address."""
-    return target.name == LOCAL or (target.state != "gone" and bool(target.address))
-
-
 def matching(selector: str, targets: Sequence[Target]) -> list[Target]:
     """The placeable targets a selector text matches, by name."""
     chosen = Selector.parse(selector)
-    return [t for t in targets if placeable(t) and chosen.matches(t.name, t.labels)]
+    return [t for t in targets if t.placeable and chosen.matches(t.name, t.labels)]
 
 
 def place_plan(plan: Plan, targets: Sequence[Target]) -> Plan:
@@ -89,7 +83,7 @@ def describe_targets(targets: Sequence[Target]) -> str:
 
 def _seen(target: Target) -> str:
     notes = [f"{k}={v}" for k, v in sorted(target.labels.items())]
-    if not placeable(target):
+    if not target.placeable:
         notes.append(target.state if target.state == "gone" else "no address")
     return f"{target.name} ({', '.join(notes)})" if notes else target.name
 

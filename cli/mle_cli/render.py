@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LiveProgress",
+    "LiveTable",
     "PlainProgress",
     "ago",
     "duration",
@@ -105,13 +106,7 @@ def print_json(data: Any) -> None:
 
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str = "") -> None:
     """A simple table on stdout; a `status` column is coloured."""
-    from rich.table import Table
-
-    table = Table(title=title or None, box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column.upper())
-    for row in rows:
-        table.add_row(*(_cell(column, row.get(column)) for column in columns))
+    table = _table(rows, columns, title)
     console = stdout_console()
     if not console.is_terminal:  # piped: data is never cut to fit 80 columns
         from rich.measure import Measurement
@@ -119,6 +114,41 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title
         unbounded = console.options.update(max_width=1_000_000)
         console.width = max(console.width, Measurement.get(console, unbounded, table).maximum)
     console.print(table)
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str = "") -> Table:
+    from rich.table import Table
+
+    table = Table(title=title or None, box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column.upper())
+    for row in rows:
+        table.add_row(*(_cell(column, row.get(column)) for column in columns))
+    return table
+
+
+class LiveTable:
+    """A table on stdout redrawn in place at each `update` (`mle top` on a terminal)."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self._columns = columns
+        self._live: Live | None = None
+
+    def __enter__(self) -> LiveTable:
+        from rich.live import Live
+
+        self._live = Live(console=stdout_console(), auto_refresh=False)
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def update(self, rows: Sequence[Mapping[str, Any]], title: str = "") -> None:
+        """Draw these rows now."""
+        if self._live is not None:
+            self._live.update(_table(rows, self._columns, title), refresh=True)
 
 
 def styled_status(status: str) -> str:

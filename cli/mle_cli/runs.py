@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from mle_cli import faults
 from mle_cli.deploying import AgentDeployer
 from mle_cli.executor import Executor
-from mle_cli.ledger import Ledger, LedgerWriter
+from mle_cli.ledger import Ledger, LedgerWriter, agent_metrics
 from mle_cli.placement import Load, choose, matching
 from mle_cli.recipe.plan import Plan
 from mle_cli.recovery import load_prior
@@ -91,8 +91,9 @@ class _Executors:
     by glob or labels goes to one of the matching agents that answers: a free slot first, then
     the lowest load; agents lost or unreachable lately are tried only when no other one is."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, writer: LedgerWriter) -> None:
         self._settings = settings
+        self._writer = writer  # heartbeats of the agents a run uses go to the ledger
         self._open: dict[str, asyncio.Task[AgentConnection]] = {}
         self._all: list[asyncio.Task[AgentConnection]] = []
         self._failed: dict[str, float] = {}  # agent -> when connecting to it last failed
@@ -150,9 +151,12 @@ class _Executors:
         from mle_cli.targets.connection import connect
 
         endpoint = await asyncio.to_thread(resolve_target, target, self._settings)
-        return await connect(
-            endpoint, self._settings.rpc_timeout, self._settings.heartbeat_interval
-        )
+        conn = await connect(endpoint, self._settings.rpc_timeout)
+        keep = self._settings.agent_metrics_keep
+        conn.on_heartbeat = agent_metrics.heartbeat_recorder(self._writer, conn.name, keep)
+        if self._settings.heartbeat_interval > 0:
+            conn.follow_heartbeats(self._settings.heartbeat_interval)
+        return conn
 
     async def close(self) -> None:
         for task in self._all:
@@ -202,7 +206,7 @@ async def execute_plan(
     with run_lock(settings, run_id):
         writer = LedgerWriter(settings.ledger_path)
         reader = Ledger(settings.ledger_path)
-        executors = _Executors(settings)
+        executors = _Executors(settings, writer)
         try:
             if resume:
                 prior = load_prior(reader, run_id)

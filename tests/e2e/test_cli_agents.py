@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from mle_cli.settings import Settings
 from tests.agent_helpers import Daemon, daemon, leak_check
 from tests.conftest import Project
+from tests.pki_helpers import issue_agent_tls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 LOOPBACK = "127.0.0.1"
@@ -108,6 +110,83 @@ def test_watch_refreshes_until_interrupted(fleet: Project) -> None:
     code, _, err = fleet.finish(proc, timeout=30)
     assert isinstance(first, list) and isinstance(second, list)
     assert code == 0, err
+
+
+def test_inventory_targets_are_listed_with_where_they_came_from(fleet: Project) -> None:
+    (fleet.root / "targets").mkdir()
+    (fleet.root / "targets" / "cloud.yaml").write_text(
+        "group: cloud\n"
+        "labels: {role: server}\n"
+        "targets:\n"
+        "  - name: srv-01\n"
+        "    host: 127.0.0.1\n"
+        "    agent: {port: 9}\n"
+        "  - name: srv-02\n"
+        "    labels: {role: db}\n"
+    )
+    done = fleet.mle("agents", "--json", "--cached", check=True)
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    srv1, srv2 = rows["srv-01"], rows["srv-02"]
+    assert (srv1["source"], srv1["state"], srv1["address"]) == (
+        "inventory",
+        "unknown",
+        "127.0.0.1:9",
+    )
+    assert (srv1["labels"], srv1["placeable"], srv1["answered"]) == (
+        {"role": "server"},
+        True,
+        False,
+    )
+    assert (srv2["source"], srv2["state"], srv2["address"]) == ("inventory", "unknown", "")
+    assert (srv2["labels"], srv2["placeable"]) == ({"role": "db"}, False)
+    assert not (fleet.root / ".mle").exists()  # neither a ledger nor a CA made for a listing
+    table = fleet.mle("agents", "--cached", check=True)
+    assert "srv-01" in table.stdout and "inventory" in table.stdout and "unknown" in table.stdout
+    assert "note: srv-02: target 'srv-02' (targets/cloud.yaml:7) has no host" in table.stderr
+    assert "Traceback" not in table.stderr
+
+
+def test_a_bad_inventory_file_is_one_located_line(fleet: Project) -> None:
+    (fleet.root / "targets").mkdir()
+    (fleet.root / "targets" / "pi.yaml").write_text("name: pi-01\nhost: 10.0.0.5:7443\n")
+    done = fleet.mle("agents")
+    assert done.returncode == 3 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[0] == (
+        "error: targets/pi.yaml:2:7: host: '10.0.0.5:7443' holds a port; "
+        "write it as agent: {port: 7443}"
+    )
+
+
+def test_an_announced_tls_agent_is_listed_with_its_live_facts(
+    fleet: Project, tmp_path: Path
+) -> None:
+    name = f"pi-tls-{time.monotonic_ns() % 10**6}"  # other tests may announce pi-01 on loopback
+    tls = issue_agent_tls(Settings(project_dir=fleet.root), name, out_dir=tmp_path / "tls")
+    args = ["--name", name, "--labels", "role=edge", "--announce"]
+    args += ["--announce-interfaces", LOOPBACK, "--listen", "127.0.0.1:0", "--http-listen", "off"]
+    with daemon(tmp_path, *args, *tls.flags) as agentd:
+        state = agentd.wait_ready()
+        deadline = time.monotonic() + 30
+        row = _listed(fleet).get(name, {})
+        while not row.get("answered") and time.monotonic() < deadline:
+            row = _listed(fleet).get(name, {})
+        line = _table_line(fleet, name)
+        while " up " not in line and time.monotonic() < deadline:  # one browse may miss it
+            line = _table_line(fleet, name)
+    assert row.get("answered"), row
+    assert (row["source"], row["state"], row["address"]) == ("mdns", "up", state["address"])
+    assert (row["fingerprint"], row["labels"], row["version"]) == (
+        tls.fingerprint, {"role": "edge"}, state["version"],
+    )  # fmt: skip
+    assert row["python"] and row["cpus"] >= 1 and row["memory_bytes"] > 0
+    assert row["disk_free_bytes"] > 0 and row["load1"] is not None
+    assert (row["running_tasks"], row["slots"]) == (0, row["cpus"])
+    assert f"0/{row['cpus']}" in line and " GB" in line and row["python"] in line
+
+
+def _table_line(project: Project, name: str) -> str:
+    table = project.mle("agents", check=True).stdout
+    return next((line for line in table.splitlines() if line.startswith(name)), "")
 
 
 def _require_avahi() -> None:

@@ -82,6 +82,7 @@ HEAVY = {
     "jinja2",
     "yaml",
     "numpy",
+    "cryptography",
 }
 
 
@@ -97,6 +98,7 @@ HEAVY = {
         ["quantize", "--help"],
         ["bench", "--help"],
         ["agents", "--help"],
+        ["top", "--help"],
     ],
 )
 def test_help_imports_nothing_heavy(args: list[str]) -> None:

@@ -195,6 +195,6 @@ def test_a_version_1_ledger_is_migrated_in_place_keeping_its_runs(tmp_path: Path
         assert ledger.run("r1")["status"] == "succeeded"
         assert ledger.run("r1")["plan"] is None
         ledger.record_metrics("r1", "s", {"accuracy": 0.9, "note": "ok"})
-        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     finally:
         ledger.close()

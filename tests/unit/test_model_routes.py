@@ -171,12 +171,12 @@ def test_a_version_2_ledger_gains_the_deployments_and_model_stats_tables(tmp_pat
     conn = sqlite3.connect(path)
     conn.executescript(
         "DROP TABLE deployments; DROP TABLE model_stats; DROP INDEX artifacts_digest; "
-        "DROP TABLE discovered_agents; PRAGMA user_version=2"
+        "DROP TABLE discovered_agents; DROP TABLE agent_metrics; PRAGMA user_version=2"
     )
     conn.close()
     Ledger(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     columns = {r[1] for r in conn.execute("PRAGMA table_info(deployments)")}
     assert {"target", "agent", "model", "version", "digest", "action", "route"} <= columns
     assert {"created", "source_run", "source_step", "operator", "uploaded"} <= columns

@@ -1,7 +1,8 @@
-"""`mle agent ...`: the embedded local agent (remote agents come with `mle agent install`)."""
+"""`mle agent ...`: the embedded local agent, and certificates for remote agents (`sign`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -45,3 +46,39 @@ def stop(
 
     stopped = stop_local_agent(settings_from(ctx))
     stdout_console().print("local agent stopped" if stopped else "the local agent was not running")
+
+
+@app.command()
+def sign(
+    ctx: typer.Context,
+    csr: Annotated[Path, typer.Argument(help="The request `mle-agentd --make-csr` wrote.")],
+    name: Annotated[str, typer.Option("--name", help="The agent's target name.")],
+    address: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--address",
+            help="An IP or host name the agent answers on (repeatable).",
+            metavar="ADDR",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the files (default: the CSR's).", metavar="DIR"),
+    ] = None,
+) -> None:
+    """Sign an agent's certificate request with the project CA (created on first need).
+
+    Writes NAME.crt and ca.crt, and prints the mle-agentd flags that use them.
+
+    Example: mle agent sign pi-01.csr --name pi-01 --address 192.168.1.50
+    """
+    from mle_cli.render import stdout_console
+    from mle_cli.targets.pki import sign_agent_request
+
+    signed = sign_agent_request(settings_from(ctx), csr, name, address or (), out)
+    lines = [
+        f"signed {signed.name}: wrote {signed.cert} ({signed.fingerprint}) and {signed.ca}",
+        f"copy both to {signed.name} and start it with:",
+        " ".join(["mle-agentd", *signed.agentd_flags()]),
+    ]
+    stdout_console().print("\n".join(lines), markup=False)

@@ -1,4 +1,4 @@
-"""`mle agents`: the agents this machine can see (mDNS, cached in the ledger) and the local one."""
+"""`mle agents`: the fleet (the local agent, the inventory, mDNS) with each agent's live facts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 WATCH_INTERVAL = 2.0  # seconds between refreshes of `--watch`
-COLUMNS = ["name", "address", "arch", "os", "runtimes", "labels", "source", "last_seen", "state"]
+COLUMNS = [
+    "name", "address", "source", "state", "last_seen", "arch", "os", "python", "runtimes",
+    "labels", "cpus", "mem", "disk", "load", "running",
+]  # fmt: skip
 
 
 def agents(
@@ -30,7 +33,8 @@ def agents(
         bool, typer.Option("--cached", help="Answer from the cache at once, without browsing.")
     ] = False,
 ) -> None:
-    """List agents found by mDNS (cached; unseen ones are marked gone) and the local agent.
+    """List the fleet: the local agent, the inventory (targets/*.yaml) and agents found by mDNS
+    (cached; unseen ones are marked gone), with live facts from those that answer.
 
     Example: mle agents --json
     """
@@ -74,15 +78,30 @@ def _show(listing: AgentListing, *, json_out: bool, clear: bool) -> None:
     render.print_table([_cells(row) for row in listing.rows], COLUMNS)
     if not listing.rows:
         console.print("no agents seen; start one with `mle-agentd --name NAME --announce`")
+    for row in listing.rows:  # why an agent listed as up or unknown did not answer
+        if row["note"]:
+            sys.stderr.write(f"note: {row['name']}: {render.printable(row['note'])}\n")
 
 
 def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the table shows it: compact units, "-" for what is not known."""
     from mle_cli import render
+    from mle_cli.models.views import human_size
+
+    def size(value: int | None) -> str | None:
+        return None if value is None else human_size(value)
 
     labels = ",".join(f"{k}={v}" for k, v in row["labels"].items())
+    running = f"{row['running_tasks']}/{row['slots']}" if row["slots"] is not None else None
+    texts = {key: row[key] or None for key in ("address", "arch", "os", "python")}
     return {
         **row,
-        "runtimes": ",".join(row["runtimes"]) or "-",
-        "labels": labels or "-",
+        **texts,
+        "runtimes": ",".join(row["runtimes"]) or None,
+        "labels": labels or None,
         "last_seen": render.ago(row["last_seen"]),
+        "mem": size(row["memory_bytes"]),
+        "disk": size(row["disk_free_bytes"]),
+        "load": None if row["load1"] is None else f"{row['load1']:.2f}",
+        "running": running,
     }

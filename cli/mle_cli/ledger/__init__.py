@@ -1,9 +1,9 @@
 """The operator's SQLite ledger: source of truth for runs, steps, attempts, events, artifacts and
-model deployments,
-and the agents discovered on the network."""
+model deployments, the agents discovered on the network, and their heartbeats' metrics."""
 
 from __future__ import annotations
 
+from mle_cli.ledger import _agent_metrics as agent_metrics
 from mle_cli.ledger import _agents as agents
 from mle_cli.ledger import _deployments as deployments
 from mle_cli.ledger import _queries as queries
@@ -18,6 +18,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerWriter",
+    "agent_metrics",
     "agents",
     "deployments",
     "queries",

@@ -162,6 +162,25 @@ _MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     );
     """,
+    # 5: agents' heartbeats (machine load), one row per beat; capped per agent, oldest dropped.
+    # `time` is the operator's clock when the beat arrived: a board without an RTC may not know
+    # the date yet, and rows from several agents must sort on one clock.
+    """
+    CREATE TABLE agent_metrics (
+        agent TEXT NOT NULL,
+        time REAL NOT NULL,
+        boot_id TEXT NOT NULL,
+        cpu_percent REAL NOT NULL,
+        load1 REAL NOT NULL,
+        memory_used INTEGER NOT NULL,
+        memory_total INTEGER NOT NULL,
+        disk_free INTEGER NOT NULL,
+        temperature REAL,
+        running_tasks INTEGER NOT NULL,
+        slots INTEGER NOT NULL
+    );
+    CREATE INDEX agent_metrics_agent_time ON agent_metrics(agent, time);
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -10,6 +10,8 @@ import grpc
 import grpc.aio
 
 from mle_cli.targets import Endpoint
+from mle_cli.targets._trust import check_agent_identity
+from mle_cli.targets.connection import open_channel
 from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
 from mle_proto.errors import FailedPrecondition, from_rpc_error
 from mle_proto.v1 import agent_pb2 as pb
@@ -43,13 +45,17 @@ class ModelsClient:
         self._metadata = (
             ((AUTH_METADATA_KEY, f"Bearer {endpoint.token}"),) if endpoint.token else ()
         )
-        self._channel = grpc.aio.insecure_channel(endpoint.address, options=_CHANNEL_OPTIONS)
+        self._endpoint = endpoint
+        self._channel = open_channel(endpoint, _CHANNEL_OPTIONS)
         self._agent = rpc.AgentStub(self._channel)
         self._models = rpc.ModelsStub(self._channel)
         self._inference = oip_rpc.GRPCInferenceServiceStub(self._channel)
 
     async def check(self) -> None:
-        """Ask the agent who it is; refuse one that speaks another protocol version."""
+        """Ask the agent who it is (over mutual TLS, its identity is checked first); refuse one
+        that speaks another protocol version."""
+        if self._endpoint.tls is not None:
+            await check_agent_identity(self._endpoint, self._timeout)
         info = await self._call(
             lambda: self._agent.GetInfo(
                 pb.GetInfoRequest(), metadata=self._metadata, timeout=self._timeout

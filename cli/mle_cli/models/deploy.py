@@ -27,7 +27,7 @@ from mle_cli.models.routes import (
 )
 from mle_cli.settings import Settings
 from mle_cli.targets import Endpoint, resolve_target
-from mle_cli.targets.connection import AgentConnection
+from mle_cli.targets.connection import connect
 from mle_proto.errors import InvalidInput, NotFound, UsageError
 from mle_proto.store import ArtifactStore
 from mle_proto.v1 import agent_pb2 as pb
@@ -212,7 +212,7 @@ async def undeploy_model(client: ModelsClient, name: str) -> tuple[DeployOutcome
 
 async def _ship(endpoint: Endpoint, settings: Settings, digest: str, store: ArtifactStore) -> int:
     """Send the file unless the agent holds it (dedup by digest); return the bytes sent."""
-    conn = AgentConnection(endpoint, settings.rpc_timeout)
+    conn = await connect(endpoint, settings.rpc_timeout)
     try:
         missing = await conn.missing([digest])
         await conn.ship(missing, store)

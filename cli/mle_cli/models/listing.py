@@ -11,8 +11,8 @@ from mle_cli.ledger import Ledger, deployments
 from mle_cli.models._client import open_client
 from mle_cli.models.routes import describe_route, route_from_pb, traffic
 from mle_cli.settings import Settings
-from mle_cli.targets import Endpoint, known_targets, resolve_target
-from mle_proto.errors import NotFound
+from mle_cli.targets import LOCAL, Endpoint, known_targets, resolve_target
+from mle_proto.errors import MleError, NotFound
 from mle_proto.v1 import agent_pb2 as pb
 
 __all__ = ["Listing", "list_models", "model_dict"]
@@ -22,7 +22,7 @@ __all__ = ["Listing", "list_models", "model_dict"]
 
 @dataclass(frozen=True)
 class Listing:
-    """The models of each reachable target, and the targets skipped because no agent runs."""
+    """The models of each reachable target, and a line for each target skipped, saying why."""
 
     models: list[dict[str, Any]]
     skipped: tuple[str, ...] = ()
@@ -31,11 +31,16 @@ class Listing:
 def list_models(settings: Settings, target: str | None = None) -> Listing:
     """Models on one target (starting its local agent if needed) or on every running one."""
     endpoints, skipped = _endpoints(settings, target)
-    models = [
-        model_dict(endpoint.name, status)
-        for endpoint in endpoints
-        for status in asyncio.run(_statuses(endpoint, settings))
-    ]
+    models = []
+    for endpoint in endpoints:
+        try:
+            statuses = asyncio.run(_statuses(endpoint, settings))
+        except MleError as e:  # one agent down or untrusted must not hide the others
+            if target is not None:
+                raise
+            skipped.append(f"{endpoint.name}: {e}")
+            continue
+        models += [model_dict(endpoint.name, status) for status in statuses]
     if models:
         _record_stats(settings, models)
     return Listing(models, tuple(skipped))
@@ -56,6 +61,9 @@ def model_dict(target: str, status: pb.ModelStatus) -> dict[str, Any]:
     }
 
 
+_NOT_RUNNING = "no agent running (start it with `mle agent start --local`)"
+
+
 def _endpoints(settings: Settings, target: str | None) -> tuple[list[Endpoint], list[str]]:
     if target is not None:
         return [resolve_target(target, settings)], []
@@ -63,8 +71,8 @@ def _endpoints(settings: Settings, target: str | None) -> tuple[list[Endpoint], 
     for name in known_targets(settings):
         try:  # listing everything must not start agents as a side effect
             endpoints.append(resolve_target(name, settings, start=False))
-        except NotFound:
-            skipped.append(name)
+        except NotFound as e:
+            skipped.append(f"{name}: {_NOT_RUNNING if name == LOCAL else e}")
     return endpoints, skipped
 
 

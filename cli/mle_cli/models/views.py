@@ -103,8 +103,8 @@ def model_rows(models: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_models(listing: Listing, json_out: bool) -> None:
     """The models table (or JSON); targets without a running agent are noted on stderr."""
-    for target in listing.skipped:
-        sys.stderr.write(f"{target}: no agent running (start it with `mle agent start --local`)\n")
+    for line in listing.skipped:
+        sys.stderr.write(f"{render.printable(line)}\n")
     if json_out:
         render.print_json(listing.models)
     elif not listing.models:

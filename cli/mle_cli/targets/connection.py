@@ -19,13 +19,14 @@ import grpc.aio
 
 from mle_cli.executor import OutputFile, TaskRequest, TaskUpdate
 from mle_cli.targets._endpoint import Endpoint
+from mle_cli.targets._trust import check_agent_identity
 from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
 from mle_proto.errors import AgentUnavailable, FailedPrecondition, from_rpc_error
 from mle_proto.store import ArtifactStore
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as rpc
 
-__all__ = ["AgentConnection", "connect"]
+__all__ = ["AgentConnection", "connect", "open_channel"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,7 +50,10 @@ async def connect(
     endpoint: Endpoint, rpc_timeout: float, heartbeat_interval: float = 0.0
 ) -> AgentConnection:
     """Open a connection and check the agent speaks our protocol version. With a heartbeat
-    interval, the connection follows the agent's heartbeats to tell whether it is alive."""
+    interval, the connection follows the agent's heartbeats to tell whether it is alive.
+    Over mutual TLS, the agent's identity is checked first (see `_trust`)."""
+    if endpoint.tls is not None:
+        await check_agent_identity(endpoint, rpc_timeout)
     conn = AgentConnection(endpoint, rpc_timeout)
     try:
         info = await conn.info()
@@ -85,7 +89,7 @@ class AgentConnection:
         self._metadata = (
             ((AUTH_METADATA_KEY, f"Bearer {endpoint.token}"),) if endpoint.token else ()
         )
-        self._channel = grpc.aio.insecure_channel(endpoint.address, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(endpoint)
         self._agent = rpc.AgentStub(self._channel)
         self._artifacts = rpc.ArtifactsStub(self._channel)
         self.set_slots(1)
@@ -231,6 +235,10 @@ class AgentConnection:
         await self._channel.close(None)
 
     async def _put(self, digest: str, size: int, store: ArtifactStore) -> pb.PutResponse:
+        from mle_proto.store import tune_allocator
+
+        tune_allocator()  # each chunk passes through MiB-sized buffers: see mle_proto.store
+
         async def chunks() -> AsyncIterator[pb.PutChunk]:
             yield pb.PutChunk(header=pb.PutHeader(digest=digest, size=size))
             for data in store.iter_chunks(digest):
@@ -240,6 +248,9 @@ class AgentConnection:
 
     async def _get(self, digest: str, store: ArtifactStore) -> None:
         """Download into a pending artifact, resuming from what arrived when the stream breaks."""
+        from mle_proto.store import tune_allocator
+
+        tune_allocator()  # each chunk passes through MiB-sized buffers: see mle_proto.store
         with store.writer(digest) as pending:
             for attempt in range(_GET_ATTEMPTS):
                 request = pb.GetRequest(digest=digest, offset=pending.size)
@@ -259,6 +270,19 @@ class AgentConnection:
             return await make()
         except grpc.RpcError as e:
             raise from_rpc_error(e, agent=self.name) from None
+
+
+def open_channel(
+    endpoint: Endpoint, options: list[tuple[str, int]] = _CHANNEL_OPTIONS
+) -> grpc.aio.Channel:
+    """Plain for the loopback agent (it checks a token); mutual TLS when the endpoint has an
+    identity, where the agent's certificate must carry its target name (grpc checks the SAN)."""
+    if endpoint.tls is None:
+        return grpc.aio.insecure_channel(endpoint.address, options=options)
+    tls = endpoint.tls
+    credentials = grpc.ssl_channel_credentials(tls.ca, tls.key or None, tls.cert or None)
+    named = [*options, ("grpc.ssl_target_name_override", endpoint.name)]
+    return grpc.aio.secure_channel(endpoint.address, credentials, options=named)
 
 
 class _Slot:

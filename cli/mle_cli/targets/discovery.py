@@ -3,12 +3,12 @@
 Records are hostile until validated: a malformed one (wrong proto, missing fields, huge TXT,
 non-UTF-8, control characters) is ignored with a debug log line and never stops the browse.
 Found agents are cached in the ledger, so a listing also shows those not heard this time (as
-"gone" once unseen for `agent_gone_after` seconds). zeroconf is imported inside functions only.
+"gone" once unseen for `agent_gone_after` seconds). `mle agents` lists the whole fleet (the
+inventory too, see `fleet`) with each agent's live facts. zeroconf is imported lazily.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import re
@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from mle_cli.settings import Settings
 from mle_proto import PROTO_VERSION
-from mle_proto.errors import MleError
 
 if TYPE_CHECKING:
     from zeroconf import ServiceInfo, Zeroconf
 
-    from mle_cli.targets._endpoint import Endpoint
+    from mle_cli.targets.fleet import AgentFacts, Target
 
 __all__ = [
     "SERVICE_TYPE",
@@ -32,6 +31,7 @@ __all__ = [
     "Browse",
     "DiscoveredAgent",
     "RecordError",
+    "cached_agents",
     "discover_agents",
     "list_agents",
     "parse_record",
@@ -45,6 +45,10 @@ _RUNTIME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_RUNTIMES = 16
+_LIVE_NUMBERS = (
+    "cpus", "memory_bytes", "memory_used_bytes", "disk_free_bytes",
+    "load1", "running_tasks", "slots",
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +100,33 @@ class RecordError(ValueError):
 
 
 def list_agents(settings: Settings, *, refresh: bool = True) -> AgentListing:
-    """The local agent (when running) and every cached agent, after a bounded browse."""
-    browse = Browse()
-    if refresh and settings.mdns_browse_seconds > 0:
-        browse = discover_agents(settings.mdns_browse_seconds, settings.mdns_interfaces)
-    rows = _cached_rows(settings, browse.agents)
-    local = _local_row(settings)
-    return AgentListing([local, *rows] if local else rows, browse.warning)
+    """Every target of the fleet (the local agent when it runs) after a bounded browse, with
+    live facts from those that answer in time."""
+    from mle_cli.targets.fleet import fleet_view, probe_targets
+
+    fleet = fleet_view(settings, browse=refresh)
+    targets = [t for t in fleet.targets if t.source != "local" or t.address]
+    facts = probe_targets(targets, settings)
+    return AgentListing([_row(t, facts.get(t.name)) for t in targets], fleet.warning)
+
+
+def cached_agents(
+    settings: Settings, found: Iterable[DiscoveredAgent] = ()
+) -> list[dict[str, Any]]:
+    """Record what was found, then every cached agent (`ledger.agents.discovered_agents` rows);
+    no ledger is created for nothing."""
+    from mle_cli.ledger import Ledger, agents
+
+    found = list(found)
+    if not found and not settings.ledger_path.exists():
+        return []
+    ledger = Ledger(settings.ledger_path)
+    try:
+        if found:
+            agents.record_discovered(ledger, found)
+        return agents.discovered_agents(ledger, settings.agent_gone_after)
+    finally:
+        ledger.close()
 
 
 def discover_agents(seconds: float, interfaces: str = "all") -> Browse:
@@ -298,69 +322,29 @@ def _best_address(addresses: Sequence[str]) -> str:
     return next((a for a in addresses if ":" not in a), addresses[0])
 
 
-def _cached_rows(settings: Settings, found: Iterable[DiscoveredAgent]) -> list[dict[str, Any]]:
-    """Record what was found and read back the whole cache; no ledger is created for nothing."""
-    from mle_cli.ledger import Ledger, agents
-
-    found = list(found)
-    if not found and not settings.ledger_path.exists():
-        return []
-    ledger = Ledger(settings.ledger_path)
-    try:
-        if found:
-            agents.record_discovered(ledger, found)
-        rows = agents.discovered_agents(ledger, settings.agent_gone_after)
-    finally:
-        ledger.close()
-    for row in rows:
-        row["address"] = DiscoveredAgent(row["name"], row["address"], row["port"]).endpoint
-    return rows
-
-
-def _local_row(settings: Settings) -> dict[str, Any] | None:
-    """The embedded local agent, when it runs (it is never announced: loopback only)."""
-    from mle_cli.targets.local import LOCAL, local_agent_endpoint
-
-    endpoint = local_agent_endpoint(settings)
-    if endpoint is None:
-        return None
-    now = time.time()
+def _row(target: Target, facts: AgentFacts | None) -> dict[str, Any]:
+    """One row of `mle agents --json`: the fleet's view, then what the agent itself said."""
+    _, _, port = target.address.rpartition(":")
     row: dict[str, Any] = {
-        "name": LOCAL,
-        "address": endpoint.address,
-        "port": int(endpoint.address.rpartition(":")[2]),
-        "arch": "",
-        "os": "",
-        "runtimes": [],
-        "labels": {},
-        "fingerprint": "",
-        "version": "",
-        "source": "local",
-        "first_seen": now,
-        "last_seen": now,
-        "state": "up",
+        "name": target.name,
+        "address": target.address,
+        "port": int(port) if port.isdigit() else None,
+        "source": target.source,
+        "state": target.state,
+        "placeable": target.placeable,
+        "first_seen": target.first_seen or None,
+        "last_seen": target.last_seen or None,
+        "arch": target.arch,
+        "os": target.os,
+        "runtimes": list(target.runtimes),
+        "labels": dict(target.labels),
+        "fingerprint": target.fingerprint,
+        "version": target.version,
+        "python": "",
+        **dict.fromkeys(_LIVE_NUMBERS),
+        "answered": False,
+        "note": "",
     }
-    try:
-        row.update(asyncio.run(_local_facts(endpoint, settings.rpc_timeout)))
-    except MleError as exc:  # stopping, or not answering: listed, but not as up
-        log.debug("the local agent did not answer GetInfo: %s", exc)
-        row["state"] = "gone"
+    if facts is not None:
+        row.update(facts.row(target.labels))
     return row
-
-
-async def _local_facts(endpoint: Endpoint, rpc_timeout: float) -> dict[str, Any]:
-    """Facts from the local agent itself (GetInfo), in the listing's terms."""
-    from mle_cli.targets.connection import AgentConnection
-
-    conn = AgentConnection(endpoint, rpc_timeout)
-    try:
-        info = await conn.info()
-    finally:
-        await conn.close()
-    return {
-        "arch": info.arch,
-        "os": info.os,
-        "runtimes": list(info.runtimes),
-        "labels": dict(info.labels),
-        "version": info.agent_version,
-    }
