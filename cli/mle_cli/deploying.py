@@ -8,6 +8,7 @@ The scheduler knows only the Deployer interface; `AgentDeployer` is the one that
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,10 @@ class AgentDeployer:
     def targets(self, placement: str, each: bool) -> list[str]:
         from mle_cli.targets.fleet import fleet_targets
 
-        return matching_targets(placement, fleet_targets(self._settings), each)
+        try:
+            return matching_targets(placement, fleet_targets(self._settings), each)
+        except NotFound:  # the mDNS cache ages while a run goes on: look again
+            return matching_targets(placement, fleet_targets(self._settings, browse=True), each)
 
     async def deploy(
         self,
@@ -162,8 +166,8 @@ class DeploySteps:
         if self._deployer is None:
             self._host.finish_step(outcome, result(Status.FAILED, "no deployer for mle/deploy"))
             return
-        try:
-            job = self._job(step, context)
+        try:  # in a thread: finding the targets may browse mDNS, which blocks
+            job = await asyncio.to_thread(self._job, step, context)
         except MleError as e:
             self._host.finish_step(outcome, result(Status.FAILED, str(e)))
             return

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import os
 import secrets
 import time
@@ -22,7 +24,7 @@ from mle_cli.scheduler import Progress, RunOutcome, Scheduler, SchedulerOptions
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
 from mle_cli.targets import resolve_target
-from mle_cli.targets.fleet import fleet_targets
+from mle_cli.targets.fleet import Target, fleet_targets
 from mle_cli.targets.selectors import Selector
 from mle_proto.errors import (
     AgentUnavailable,
@@ -123,8 +125,13 @@ class _Executors:
             raise
 
     async def _place(self, placement: str) -> AgentConnection:
-        targets = await asyncio.to_thread(fleet_targets, self._settings)
+        # The mDNS cache ages during a run (nothing browses): an agent this run hears heartbeats
+        # from is up whatever the cache says, and a cache that matches nothing is refreshed.
+        targets = [self._heard(t) for t in await asyncio.to_thread(fleet_targets, self._settings)]
         names = [t.name for t in matching(placement, targets)]
+        if not names:
+            browse = functools.partial(fleet_targets, self._settings, browse=True)
+            names = [t.name for t in matching(placement, await asyncio.to_thread(browse))]
         names = [n for n in names if not self._lost(n)] or names
         results = await asyncio.gather(*(self._agent(n) for n in names), return_exceptions=True)
         answered = {
@@ -137,6 +144,15 @@ class _Executors:
         chosen = answered[choose(loads) or names[0]]
         chosen.promise()
         return chosen
+
+    def _heard(self, target: Target) -> Target:
+        """The target, up when its connection's heartbeats say so."""
+        task = self._open.get(target.name)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return target
+        if task.result().silent_for() > self._settings.agent_grace:
+            return target
+        return dataclasses.replace(target, state="up")
 
     def _lost(self, name: str) -> bool:
         """Whether the agent was silent past the grace period, or unreachable within it."""

@@ -1,0 +1,1 @@
+"""Fleet tests: several hosts in network namespaces on one bridge, a real agent on each."""
