@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 import pytest
 import zeroconf
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
@@ -207,3 +208,29 @@ def _poll(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 20.
         time.sleep(0.1)
         value = read()
     return value
+
+
+def _other_ipv4() -> str | None:
+    """A non-loopback IPv4 address of this machine, if it has one."""
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return str(a.address)
+    return None
+
+
+def test_browsing_on_chosen_interfaces_ignores_agents_heard_elsewhere(tmp_path: Path) -> None:
+    other = _other_ipv4()
+    if other is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to browse on")
+    name = _unique("elsewhere")
+    settings = agent_settings(tmp_path, name=name, announce=True, announce_interfaces=LOOPBACK)
+
+    async def scenario() -> tuple[Browse, Browse]:
+        async with announced(settings, 7443):
+            heard = await asyncio.to_thread(_browse_until, lambda b: _named(b, name) is not None)
+            return heard, await asyncio.to_thread(discover_agents, 1.5, other)
+
+    on_loopback, on_other = run(scenario())
+    assert _named(on_loopback, name) is not None  # it is announced, and heard on loopback
+    assert _named(on_other, name) is None  # but not on the network of `other`

@@ -15,7 +15,10 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from mle_cli.settings import Settings
 from mle_proto import PROTO_VERSION
@@ -134,10 +137,28 @@ def discover_agents(seconds: float, interfaces: str = "all") -> Browse:
     zc = _open_zeroconf(interfaces)
     if isinstance(zc, str):
         return Browse(warning=f"mDNS is unavailable ({zc}); showing cached agents only")
-    return _browse(zc, seconds)
+    return _browse(zc, seconds, _networks(interfaces))
 
 
-def _browse(zc: Zeroconf, seconds: float) -> Browse:
+def _networks(interfaces: str) -> tuple[IPv4Network | IPv6Network, ...] | None:
+    """The networks of the chosen interface addresses; None for all interfaces.
+
+    Linux hands a multicast socket the packets of every interface that joined the group, so a
+    record heard is kept only when one of its addresses is on a chosen interface's network."""
+    chosen = {part.strip() for part in interfaces.split(",") if part.strip()} - {"all"}
+    if not chosen:
+        return None
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.address.split("%")[0] in chosen and a.netmask:
+                found.append(ip_network(f"{a.address.split('%')[0]}/{a.netmask}", strict=False))
+    return tuple(found)
+
+
+def _browse(
+    zc: Zeroconf, seconds: float, networks: tuple[IPv4Network | IPv6Network, ...] | None = None
+) -> Browse:
     """Browse with zeroconf for `seconds`, then close it (its threads end)."""
     from zeroconf import ServiceBrowser
 
@@ -145,7 +166,7 @@ def _browse(zc: Zeroconf, seconds: float) -> Browse:
         names: queue.SimpleQueue[str] = queue.SimpleQueue()
         browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[_Collector(names)])
         try:
-            return _collect(zc, names, time.monotonic() + seconds)
+            return _collect(zc, names, time.monotonic() + seconds, networks)
         finally:
             browser.cancel()
     finally:
@@ -224,7 +245,12 @@ def _open_zeroconf(interfaces: str) -> Zeroconf | str:
             return str(exc) or type(exc).__name__
 
 
-def _collect(zc: Zeroconf, names: queue.SimpleQueue[str], deadline: float) -> Browse:
+def _collect(
+    zc: Zeroconf,
+    names: queue.SimpleQueue[str],
+    deadline: float,
+    networks: tuple[IPv4Network | IPv6Network, ...] | None = None,
+) -> Browse:
     """Resolve names as they arrive until the deadline; parse every record heard."""
     seen: dict[str, None] = {}
     while (remaining := deadline - time.monotonic()) > 0:
@@ -238,7 +264,7 @@ def _collect(zc: Zeroconf, names: queue.SimpleQueue[str], deadline: float) -> Br
     now = time.time()
     agents: dict[str, DiscoveredAgent] = {}
     for name in seen:  # from the cache, so the freshest TXT wins
-        agent = _parse_cached(zc, name, now)
+        agent = _parse_cached(zc, name, now, networks)
         if agent is not None:
             agents[agent.name] = agent
     return Browse(tuple(agents.values()), ignored=len(seen) - len(agents))
@@ -256,17 +282,35 @@ def _resolve(zc: Zeroconf, name: str, wait: float) -> None:
         log.debug("ignoring mDNS record %.80r: cannot resolve it: %s", name, exc)
 
 
-def _parse_cached(zc: Zeroconf, name: str, now: float) -> DiscoveredAgent | None:
+def _parse_cached(
+    zc: Zeroconf,
+    name: str,
+    now: float,
+    networks: tuple[IPv4Network | IPv6Network, ...] | None = None,
+) -> DiscoveredAgent | None:
     from zeroconf import ServiceInfo
 
     try:
         info = ServiceInfo(SERVICE_TYPE, name)
         if not info.load_from_cache(zc):
             raise RecordError("no SRV/TXT/address answer")
-        return parse_record(_instance(name), _properties(info), _addresses(info), info.port, now)
+        addresses = _addresses(info)
+        if networks is not None:
+            addresses = [a for a in addresses if _on(a, networks)]
+            if not addresses:
+                raise RecordError("no address on the chosen interfaces (mdns_interfaces)")
+        return parse_record(_instance(name), _properties(info), addresses, info.port, now)
     except Exception as exc:  # noqa: BLE001 - zeroconf's parsing of hostile bytes may raise anything
         log.debug("ignoring mDNS record %.80r: %s", name, exc)
         return None
+
+
+def _on(address: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        ip = ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _properties(info: ServiceInfo) -> Mapping[bytes, bytes | None]:
