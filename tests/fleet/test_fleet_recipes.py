@@ -4,6 +4,7 @@ Everything is asserted from the operator's ledger."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from tests.conftest import REPO
@@ -142,5 +143,16 @@ def test_digits_edge_runs_unchanged_on_the_fleet(fleet3: Fleet) -> None:
         ("pi-01", "digits"),
         ("pi-02", "digits"),
     ]
-    lineage = fleet3.run_mle("models", "--lineage", "digits", "--json", check=True).stdout
-    assert run_id in lineage
+    metrics = {
+        r["name"]: r["value"]
+        for r in fleet3.project.rows(
+            "SELECT name, value FROM metrics WHERE run_id = ? AND step_id = 'evaluate'", run_id
+        )
+    }
+    assert metrics["accuracy_int8"] >= 0.9 and metrics["size_ratio"] >= 2.5
+    lineage = json.loads(
+        fleet3.run_mle("models", "--lineage", "digits", "--json", check=True).stdout
+    )
+    assert lineage["run"]["id"] == run_id
+    served = json.loads(fleet3.run_mle("models", "--json", check=True).stdout)
+    assert sorted(m["target"] for m in served if m["name"] == "digits") == ["pi-01", "pi-02"]
