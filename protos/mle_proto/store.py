@@ -33,8 +33,9 @@ CHUNK = 1024 * 1024
 # glibc's malloc gives a freed block of a MiB or more back to the kernel at once, and the next
 # chunk's buffer comes back page fault by page fault. Every chunk of a transfer passes through
 # several such buffers (gRPC's, the message's, the bytes'): a 256 MB Get took 40-75 thousand page
-# faults and a quarter of its CPU. Blocks under 4 MiB stay on the heap, and up to 8 MiB of free
-# heap stays mapped (at most that much more resident memory after a transfer).
+# faults and a quarter of its CPU. Blocks under 4 MiB stay on the heap, and each malloc arena
+# keeps up to 8 MiB of free heap mapped: an agent's resident memory after transfers is ~20 MB
+# higher (bench/RESULTS.md, fleet); with less kept mapped most of the faults come back.
 _MMAP_THRESHOLD = 4 * 1024 * 1024
 _TRIM_THRESHOLD = 8 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h

@@ -54,3 +54,20 @@ def test_the_readme_recipe_runs(project: Project) -> None:
     proc = project.mle("run", "recipes/readme.yaml", "-p", "repeat=2")
     assert proc.returncode == 0, proc.stderr
     assert "3/3 steps succeeded" in proc.stdout
+
+
+def test_the_readme_inventory_entry_loads(project: Project) -> None:
+    from mle_cli.targets.inventory import load_inventory
+
+    [entry] = [b for b in _blocks("yaml") if b.startswith("# targets/")]
+    path = entry.splitlines()[0].removeprefix("# ")
+    (project.root / path).parent.mkdir()
+    (project.root / path).write_text(entry)
+    [loaded] = load_inventory(project.root)
+    assert (loaded.name, loaded.host, dict(loaded.labels)) == (
+        "srv-01",
+        "203.0.113.7",
+        {"role": "server"},
+    )
+    listed = project.mle("agents", "--cached", "--json", check=True).stdout
+    assert '"srv-01"' in listed

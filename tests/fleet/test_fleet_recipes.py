@@ -5,6 +5,8 @@ Everything is asserted from the operator's ledger."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 
 from tests.conftest import REPO
@@ -156,3 +158,21 @@ def test_digits_edge_runs_unchanged_on_the_fleet(fleet3: Fleet) -> None:
     assert lineage["run"]["id"] == run_id
     served = json.loads(fleet3.run_mle("models", "--json", check=True).stdout)
     assert sorted(m["target"] for m in served if m["name"] == "digits") == ["pi-01", "pi-02"]
+
+
+def test_the_readme_fleet_commands_run_on_the_fleet(fleet3: Fleet) -> None:
+    readme = (REPO / "README.md").read_text()
+    [block] = re.findall(r"```console\n(.*?)```", readme, flags=re.S)
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    assert len(commands) >= 4 and all(words[0] == "mle" for words in commands)
+    shutil.copytree(REPO / "recipes", fleet3.project.root / "recipes")
+    for words in commands:
+        proc = fleet3.run_mle(*words[1:], timeout=600)
+        assert proc.returncode == 0, f"{shlex.join(words)}:\n{proc.stderr}"
+    top = fleet3.run_mle("top", "--once", "--json", check=True).stdout
+    seen = {
+        row["agent"]
+        for row in json.loads(top)
+        if row["state"] == "up" and row["cpu_percent"] is not None
+    }
+    assert {"srv-01", "pi-01", "pi-02"} <= seen

@@ -22,7 +22,7 @@ from mle_cli.targets._endpoint import Endpoint
 from mle_cli.targets._trust import check_agent_identity
 from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
 from mle_proto.errors import AgentUnavailable, FailedPrecondition, from_rpc_error
-from mle_proto.store import ArtifactStore
+from mle_proto.store import ArtifactStore, tune_allocator
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as rpc
 
@@ -235,8 +235,6 @@ class AgentConnection:
         await self._channel.close(None)
 
     async def _put(self, digest: str, size: int, store: ArtifactStore) -> pb.PutResponse:
-        from mle_proto.store import tune_allocator
-
         tune_allocator()  # each chunk passes through MiB-sized buffers: see mle_proto.store
 
         async def chunks() -> AsyncIterator[pb.PutChunk]:
@@ -248,8 +246,6 @@ class AgentConnection:
 
     async def _get(self, digest: str, store: ArtifactStore) -> None:
         """Download into a pending artifact, resuming from what arrived when the stream breaks."""
-        from mle_proto.store import tune_allocator
-
         tune_allocator()  # each chunk passes through MiB-sized buffers: see mle_proto.store
         with store.writer(digest) as pending:
             for attempt in range(_GET_ATTEMPTS):

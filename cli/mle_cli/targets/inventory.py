@@ -28,9 +28,12 @@ _SUFFIXES = (".yaml", ".yml")
 _ENTRY_KEYS = ("name", "host", "labels", "ssh", "agent")
 _GROUP_KEYS = ("group", "labels", "ssh", "agent", "targets")
 _SSH_KEYS = ("user", "port", "key")
-_AGENT_KEYS = ("port",)
+_AGENT_KEYS = ("port", "dir")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?")
 _SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# The agent's install directory on the device: absolute or under the login's home, in plain
+# characters (it is written into shell commands, a systemd unit and a config file).
+_AGENT_DIR = re.compile(r"(/|~/)[A-Za-z0-9._+@/-]{1,250}")
 _SHAPE = "one target (name: ...), a list of targets, or a group (group: ..., targets: [...])"
 
 
@@ -52,6 +55,7 @@ class InventoryEntry:
     port: int | None = None  # the agent's port; None = not written (DEFAULT_AGENT_PORT)
     labels: Mapping[str, str] = field(default_factory=dict)
     ssh: SshConfig = SshConfig()
+    agent_dir: str = ""  # the agent's install directory on the device; "" = the default
     group: str = ""
     file: Path = Path()  # relative to the project, as messages show it
     line: int = 0
@@ -188,6 +192,7 @@ class _FileReader:
                 port=_int_or_none(ssh.get("port")) or 22,
                 key=str(ssh.get("key", "")),
             ),
+            agent_dir=str(agent.get("dir", "")),
             group=shared.group,
             file=self.shown,
             line=self.doc.location(path).line or 0,
@@ -276,6 +281,8 @@ class _FileReader:
                 section[key] = self._port(raw, (*path, key))
             elif key == "user":
                 section[key] = self._ssh_user(raw, (*path, key))
+            elif key == "dir":
+                section[key] = self._agent_dir(raw, (*path, key))
             else:
                 section[key] = self._string(raw, (*path, key))
         return section
@@ -287,6 +294,17 @@ class _FileReader:
                 shown = describe(value)
             raise self.doc.error(path, f"expected a port number (1-65535), not {shown}")
         return value
+
+    def _agent_dir(self, value: object, path: KeyPath) -> str:
+        text = self._string(value, path).rstrip("/")
+        parts = text.split("/")[1:]
+        if not _AGENT_DIR.fullmatch(text) or any(p in ("", ".", "..") for p in parts):
+            raise self.doc.error(
+                path,
+                f"{text[:80]!r} is not an install directory: an absolute path or ~/..., of "
+                "letters, digits and . _ + @ - (no . or .. parts)",
+            )
+        return text
 
     def _ssh_user(self, value: object, path: KeyPath) -> str:
         user = self._string(value, path)
