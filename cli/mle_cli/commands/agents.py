@@ -38,11 +38,15 @@ def agents(
 
     Example: mle agents --json
     """
+    from mle_cli import render
     from mle_cli.targets.discovery import list_agents
 
     settings = settings_from(ctx)
     if not watch:
-        _show(list_agents(settings, refresh=not cached), json_out=json_out, clear=False)
+        on_terminal = not json_out and render.stdout_console().is_terminal
+        if on_terminal and not cached:  # the cache at once, then what the browse finds
+            _show(list_agents(settings, refresh=False, probe=False), json_out=False, clear=False)
+        _show(list_agents(settings, refresh=not cached), json_out=json_out, clear=on_terminal)
         return
     refresh = False  # the cache first, at once; then browse each round
     try:

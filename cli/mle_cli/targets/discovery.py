@@ -102,14 +102,14 @@ class RecordError(ValueError):
     """An mDNS record that is not a valid agent advertisement."""
 
 
-def list_agents(settings: Settings, *, refresh: bool = True) -> AgentListing:
+def list_agents(settings: Settings, *, refresh: bool = True, probe: bool = True) -> AgentListing:
     """Every target of the fleet (the local agent when it runs) after a bounded browse, with
-    live facts from those that answer in time."""
+    live facts from those that answer in time (without `probe`: the cached facts only)."""
     from mle_cli.targets.fleet import fleet_view, probe_targets
 
     fleet = fleet_view(settings, browse=refresh)
     targets = [t for t in fleet.targets if t.source != "local" or t.address]
-    facts = probe_targets(targets, settings)
+    facts = probe_targets(targets, settings) if probe else {}
     return AgentListing([_row(t, facts.get(t.name)) for t in targets], fleet.warning)
 
 
