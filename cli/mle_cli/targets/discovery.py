@@ -160,11 +160,15 @@ def _browse(
     zc: Zeroconf, seconds: float, networks: tuple[IPv4Network | IPv6Network, ...] | None = None
 ) -> Browse:
     """Browse with zeroconf for `seconds`, then close it (its threads end)."""
-    from zeroconf import ServiceBrowser
+    from zeroconf import DNSQuestionType, ServiceBrowser
 
     try:
         names: queue.SimpleQueue[str] = queue.SimpleQueue()
-        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[_Collector(names)])
+        # Multicast questions (QM): a unicast answer to port 5353 reaches only one of the
+        # sockets bound there (avahi, other zeroconf users on this host), maybe not ours.
+        browser = ServiceBrowser(
+            zc, SERVICE_TYPE, handlers=[_Collector(names)], question_type=DNSQuestionType.QM
+        )
         try:
             return _collect(zc, names, time.monotonic() + seconds, networks)
         finally:
@@ -272,12 +276,12 @@ def _collect(
 
 def _resolve(zc: Zeroconf, name: str, wait: float) -> None:
     """Ask for a record's SRV/TXT/A unless the announcement already brought them."""
-    from zeroconf import ServiceInfo
+    from zeroconf import DNSQuestionType, ServiceInfo
 
     info = ServiceInfo(SERVICE_TYPE, name)
     try:
         if not info.load_from_cache(zc):
-            info.request(zc, timeout=wait * 1000)
+            info.request(zc, timeout=wait * 1000, question_type=DNSQuestionType.QM)
     except Exception as exc:  # noqa: BLE001 - a hostile record must never stop the browse
         log.debug("ignoring mDNS record %.80r: cannot resolve it: %s", name, exc)
 
