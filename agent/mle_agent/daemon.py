@@ -34,7 +34,7 @@ from mle_agent.settings import (
 )
 from mle_agent.tasks import TaskManager
 from mle_proto import PROTO_VERSION, __version__
-from mle_proto.errors import MleError
+from mle_proto.errors import MleError, UsageError
 
 __all__ = ["build_parser", "main", "run_agent", "state_file_content"]
 
@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = build_settings(vars(args), os.environ, args.config)
         if args.make_csr is not None:  # before the listen check: TLS is what this prepares
             return _make_csr(settings, args.make_csr)
+        if args.enroll is not None or args.operator or args.ca_fingerprint:
+            settings = _enroll(settings, args)  # then serve with the certificate it brought
         check_listen_security(settings)
         check_http_settings(settings)
     except MleError as exc:
@@ -95,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         "agent.key) for `mle agent sign`, and exit",
     )
     add(
+        "--enroll",
+        metavar="TOKEN",
+        help="exchange a token from `mle agent enroll-token` for this agent's certificate "
+        "(written to the data dir as agent.crt and ca.crt, next to its key), then serve with it",
+    )
+    add("--operator", metavar="HOST:PORT", help="where `mle agent enroll-token` serves (--enroll)")
+    add(
+        "--ca-fingerprint",
+        metavar="SHA256",
+        help="the project CA's fingerprint printed with the token: the operator must prove it",
+    )
+    add(
         "--announce",
         action="store_true",
         default=None,
@@ -111,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (default 2)")
     add("--heartbeat-interval", type=float, help="seconds between heartbeats (default 1)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    parser.set_defaults(config=None, make_csr=None)
+    parser.set_defaults(config=None, make_csr=None, enroll=None, operator=None, ca_fingerprint=None)
     return parser
 
 
@@ -278,6 +292,19 @@ def _make_csr(settings: AgentSettings, path: Path) -> int:
 
     print(make_csr(settings, path))  # noqa: T201 - the command's one line of output
     return 0
+
+
+def _enroll(settings: AgentSettings, args: argparse.Namespace) -> AgentSettings:
+    from mle_agent.enroll import enroll
+
+    if args.enroll is None or not args.operator or not args.ca_fingerprint:
+        raise UsageError(
+            "--enroll TOKEN, --operator HOST:PORT and --ca-fingerprint go together, as "
+            "mle agent enroll-token prints them"
+        )
+    enrolled = enroll(settings, args.enroll, args.operator, args.ca_fingerprint)
+    print(enrolled.message, flush=True)  # noqa: T201 - what to start with next time
+    return enrolled.settings
 
 
 def _fail(exc: MleError) -> int:

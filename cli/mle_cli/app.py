@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mle_cli.commands import agent, agents, bench, history, models, quantize, run, top
+from mle_cli.commands import agent, agents, bench, history, init, models, quantize, run, top
 
 __all__ = ["app", "main"]
 
@@ -52,6 +52,7 @@ def _root(
     )
 
 
+init.register(app)
 run.register(app)
 history.register(app)
 models.register(app)

@@ -99,6 +99,8 @@ HEAVY = {
         ["bench", "--help"],
         ["agents", "--help"],
         ["top", "--help"],
+        ["init", "--help"],
+        ["agent", "enroll-token", "--help"],
     ],
 )
 def test_help_imports_nothing_heavy(args: list[str]) -> None:

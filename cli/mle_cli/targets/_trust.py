@@ -24,7 +24,7 @@ from pathlib import Path
 from mle_cli.targets._endpoint import Endpoint, TlsIdentity
 from mle_proto.errors import AgentUnavailable, InvalidInput, MleError, Unauthenticated
 
-__all__ = ["check_agent_identity"]
+__all__ = ["check_agent_identity", "pem_file"]
 
 _SHOWN_HEX = 16  # digits of a fingerprint shown in a message
 _NOT_FROM_CA = {2, 18, 19, 20, 21}  # X509_V_ERR_*: unknown issuer, self-signed, no chain
@@ -88,7 +88,7 @@ def _client_context(tls: TlsIdentity) -> ssl.SSLContext:
     try:
         context.load_verify_locations(cadata=tls.ca.decode("ascii", errors="replace"))
         if tls.cert:
-            with _pem_file(tls.cert + b"\n" + tls.key) as path:
+            with pem_file(tls.cert + b"\n" + tls.key) as path:
                 context.load_cert_chain(path)
     except (ssl.SSLError, ValueError):  # not PEM, or a key that is not the certificate's
         raise MleError("the operator's TLS identity (.mle/pki/) is damaged") from None
@@ -97,7 +97,7 @@ def _client_context(tls: TlsIdentity) -> ssl.SSLContext:
 
 
 @contextlib.contextmanager
-def _pem_file(data: bytes) -> Iterator[str]:
+def pem_file(data: bytes) -> Iterator[str]:
     """A path to read the key from: an anonymous memory file where Linux has them, else a
     private temporary file, removed at once (`ssl` loads keys from paths only)."""
     if hasattr(os, "memfd_create"):

@@ -35,10 +35,12 @@ __all__ = [
     "certificate_fingerprint",
     "check_agent_name",
     "ensure_ca",
+    "issue_server_certificate",
     "operator_identity",
     "pki_dir",
     "sign_agent_csr",
     "sign_agent_request",
+    "write_file",
 ]
 
 CA_CERT_DAYS = 3650
@@ -144,9 +146,25 @@ def sign_agent_request(
     except OSError as exc:
         raise MleError(f"cannot create {out}: {exc.strerror or exc}") from None
     cert, ca = out / f"{name}.crt", out / "ca.crt"
-    _write(cert, cert_pem, private=False)
-    _write(ca, _read(ensure_ca(settings) / "ca.crt"), private=False)
+    write_file(cert, cert_pem, private=False)
+    write_file(ca, _read(ensure_ca(settings) / "ca.crt"), private=False)
     return SignedAgent(name, cert, ca, certificate_fingerprint(cert_pem))
+
+
+def issue_server_certificate(
+    settings: Settings, common_name: str, alt_names: Sequence[x509.GeneralName], days: int
+) -> tuple[bytes, bytes]:
+    """A fresh key and a server-only certificate the project CA issues for it (PEM each)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = _new_key()
+    ca_cert, ca_key = _load_ca(ensure_ca(settings))
+    builder = _leaf(ca_cert, key.public_key(), common_name, days)
+    builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    cert = builder.add_extension(usage, critical=False).sign(ca_key, _sha256())
+    return _cert_pem(cert), _key_pem(key)
 
 
 def certificate_fingerprint(cert_pem: bytes) -> str:
@@ -194,8 +212,8 @@ def _create_ca(settings: Settings, directory: Path) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     )
     cert = builder.sign(key, _sha256())
-    _write(directory / "ca.key", _key_pem(key), private=True)
-    _write(directory / "ca.crt", _cert_pem(cert), private=False)  # last: it marks the CA done
+    write_file(directory / "ca.key", _key_pem(key), private=True)
+    write_file(directory / "ca.crt", _cert_pem(cert), private=False)  # last: it marks the CA done
 
 
 def _issue_operator(settings: Settings, directory: Path) -> None:
@@ -208,8 +226,8 @@ def _issue_operator(settings: Settings, directory: Path) -> None:
     builder = _leaf(ca_cert, key.public_key(), label, OPERATOR_CERT_DAYS)
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
     cert = builder.add_extension(usage, critical=False).sign(ca_key, _sha256())
-    _write(directory / "operator.key", _key_pem(key), private=True)
-    _write(directory / "operator.crt", _cert_pem(cert), private=False)
+    write_file(directory / "operator.key", _key_pem(key), private=True)
+    write_file(directory / "operator.crt", _cert_pem(cert), private=False)
 
 
 def _operator_usable(directory: Path, ca_pem: bytes) -> bool:
@@ -373,7 +391,7 @@ def _read(path: Path) -> bytes:
         raise MleError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _write(path: Path, data: bytes, *, private: bool) -> None:
+def write_file(path: Path, data: bytes, *, private: bool) -> None:
     """Write atomically: a 0600 (or 0644) temporary file, fsynced, renamed over `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
