@@ -33,6 +33,7 @@ __all__ = [
 DEFAULT_CONFIG = Path("/etc/mle/agent.toml")
 ENV_PREFIX = "MLE_AGENT_"
 MiB = 1024 * 1024
+_KEY_FILE = "agent.key"  # in the data dir (mle_agent.identity.KEY_FILE, which imports this module)
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 HEARTBEAT_RANGE = (0.05, 60.0)  # seconds: any interval asked for is clamped to this
@@ -151,7 +152,7 @@ def build_settings(
     settings = AgentSettings(**{k: _coerce(k, v) for k, v in merged.items()})
     if settings.tls_cert is not None and settings.tls_key is None:
         # the key `mle-agentd --make-csr` made, where it stays: in the data dir
-        settings = dataclasses.replace(settings, tls_key=settings.data_dir / "agent.key")
+        settings = dataclasses.replace(settings, tls_key=settings.data_dir / _KEY_FILE)
     _validate(settings)
     return settings
 
@@ -273,10 +274,29 @@ def _validate(settings: AgentSettings) -> None:
 
 
 def check_listen_security(settings: AgentSettings) -> None:
-    """Refuse a non-loopback listen address without mutual TLS, unless --insecure accepts it."""
+    """Refuse TLS without its key, and a non-loopback listen address without mutual TLS unless
+    --insecure accepts it."""
+    _check_tls_key(settings)
     if settings.is_loopback() or settings.tls or settings.insecure:
         return
     raise UsageError(
         f"refusing to listen on {settings.listen} without TLS; "
         "give --tls-cert/--tls-key/--tls-ca, or --insecure to accept the risk"
     )
+
+
+def _check_tls_key(settings: AgentSettings) -> None:
+    """Say which key is missing and how to get one, not what loading it later would say."""
+    key = settings.tls_key
+    if settings.tls_cert is None or key is None:
+        return
+    try:
+        key.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if key == settings.data_dir / _KEY_FILE:  # the default: where --make-csr puts it
+            raise UsageError(
+                f"no TLS key: expected {key} (made by mle-agentd --make-csr) or give --tls-key"
+            ) from None
+        raise UsageError(f"no TLS key: {key} (--tls-key) does not exist") from None
+    except OSError:
+        return  # there but not readable, say: loading it tells why

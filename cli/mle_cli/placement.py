@@ -7,6 +7,7 @@ Pure: the fleet is passed in (`mle_cli.targets.fleet.fleet_targets` reads it).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -104,19 +105,45 @@ def _no_match(step: Step, targets: Sequence[Target]) -> RecipeError:
 
 
 def _check_collisions(plan: Plan, children: Mapping[str, list[Step]]) -> None:
-    """A step needing an `each:` step with outputs would get one copy per target, at one path."""
+    """A step needing an `each:` step with outputs would get one copy per target, at one path;
+    a step reading an `each:` step's results (`steps.X...` in `when:` or a template) would not
+    know whose."""
     for step in plan.steps:
-        clashing = [n for n in step.needs if n in children and plan.step(n).outputs]
-        if clashing and step.uses != SELECT and len(children[clashing[0]]) > 1:
-            need = plan.step(clashing[0])
-            raise RecipeError(
-                f"needs {need.id}, which runs on each of {len(children[need.id])} targets and "
-                f"each writes {need.outputs[0]}: use mle/select to pick one, or drop its outputs",
-                file=step.location.file,
-                line=step.location.line,
-                col=step.location.col,
-                key=f"steps.{step.group or step.id}.needs",
+        expanded = [n for n in step.needs if n in children and len(children[n]) > 1]
+        clashing = [n for n in expanded if plan.step(n).outputs]
+        if clashing and step.uses != SELECT:
+            first = plan.step(clashing[0])
+            raise _located(
+                step,
+                "needs",
+                f"needs {first.id}, which runs on each of {len(children[first.id])} targets and "
+                f"each writes {first.outputs[0]} at the same path: drop its outputs",
             )
+        for need in expanded:
+            if any(re.search(rf"\bsteps\.{re.escape(need)}\b", text) for text in _texts(step)):
+                raise _located(
+                    step,
+                    "needs",
+                    f"reads steps.{need}, which runs on each of {len(children[need])} targets "
+                    "(each: true) and so has no single result: need it without reading it",
+                )
+
+
+def _texts(step: Step) -> list[str]:
+    """Every template and condition source of a step."""
+    texts = [step.when or "", step.run or "", *(step.argv or ()), *step.env.values()]
+    return texts + [str(v) for v in step.options.values()]
+
+
+def _located(step: Step, key: str, message: str) -> RecipeError:
+    where = step.location
+    return RecipeError(
+        message,
+        file=where.file,
+        line=where.line,
+        col=where.col,
+        key=f"steps.{step.group or step.id}.{key}",
+    )
 
 
 def _on_operator(step: Step) -> bool:

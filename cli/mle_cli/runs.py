@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
-import functools
 import os
 import secrets
 import time
@@ -15,19 +13,15 @@ from typing import TYPE_CHECKING
 
 from mle_cli import faults
 from mle_cli.deploying import AgentDeployer
-from mle_cli.executor import Executor
-from mle_cli.ledger import Ledger, LedgerWriter, agent_metrics
-from mle_cli.placement import Load, choose, matching
+from mle_cli.executors import Executors
+from mle_cli.ledger import Ledger, LedgerWriter
 from mle_cli.recipe.plan import Plan
 from mle_cli.recovery import load_prior
 from mle_cli.scheduler import Progress, RunOutcome, Scheduler, SchedulerOptions
 from mle_cli.settings import Settings
 from mle_cli.states import FINAL, Status
 from mle_cli.targets import resolve_target
-from mle_cli.targets.fleet import Target, fleet_targets
-from mle_cli.targets.selectors import Selector
 from mle_proto.errors import (
-    AgentUnavailable,
     FailedPrecondition,
     InvalidInput,
     MleError,
@@ -36,7 +30,7 @@ from mle_proto.errors import (
 from mle_proto.store import ArtifactStore
 
 if TYPE_CHECKING:
-    from mle_cli.targets.connection import AgentConnection
+    pass
 
 __all__ = [
     "RunControl",
@@ -87,99 +81,6 @@ class RunControl:
                 self.detach()
 
 
-class _Executors:
-    """One connection per agent, opened on first use, and opened again once its agent has been
-    silent past the grace period (a restarted local agent listens on a new port). A step placed
-    by glob or labels goes to one of the matching agents that answers: a free slot first, then
-    the lowest load; agents lost or unreachable lately are tried only when no other one is."""
-
-    def __init__(self, settings: Settings, writer: LedgerWriter) -> None:
-        self._settings = settings
-        self._writer = writer  # heartbeats of the agents a run uses go to the ledger
-        self._open: dict[str, asyncio.Task[AgentConnection]] = {}
-        self._all: list[asyncio.Task[AgentConnection]] = []
-        self._failed: dict[str, float] = {}  # agent -> when connecting to it last failed
-
-    async def get(self, placement: str) -> Executor:
-        name = Selector.parse(placement).single_name
-        if name is not None:
-            return await self._agent(name)
-        return await self._place(placement)
-
-    async def _agent(self, name: str) -> AgentConnection:
-        task = self._open.get(name)
-        if task is not None and task.done() and not task.cancelled():
-            stale = task.exception() is not None
-            if not stale and task.result().silent_for() > self._settings.agent_grace:
-                stale = True
-            if stale:
-                task = None
-        if task is None:
-            task = asyncio.create_task(self._connect(name))
-            self._open[name] = task
-            self._all.append(task)
-        try:
-            return await task
-        except MleError:
-            self._failed[name] = time.monotonic()
-            raise
-
-    async def _place(self, placement: str) -> AgentConnection:
-        # The mDNS cache ages during a run (nothing browses): an agent this run hears heartbeats
-        # from is up whatever the cache says, and a cache that matches nothing is refreshed.
-        targets = [self._heard(t) for t in await asyncio.to_thread(fleet_targets, self._settings)]
-        names = [t.name for t in matching(placement, targets)]
-        if not names:
-            browse = functools.partial(fleet_targets, self._settings, browse=True)
-            names = [t.name for t in matching(placement, await asyncio.to_thread(browse))]
-        names = [n for n in names if not self._lost(n)] or names
-        results = await asyncio.gather(*(self._agent(n) for n in names), return_exceptions=True)
-        answered = {
-            n: r for n, r in zip(names, results, strict=True) if not isinstance(r, BaseException)
-        }
-        if not answered:
-            why = "; ".join(f"{n}: {r}" for n, r in zip(names, results, strict=True)) or "none"
-            raise AgentUnavailable(f"no agent matching {placement!r} answers ({why})")
-        loads = [Load(n, c.free_slots(), c.load()) for n, c in answered.items()]
-        chosen = answered[choose(loads) or names[0]]
-        chosen.promise()
-        return chosen
-
-    def _heard(self, target: Target) -> Target:
-        """The target, up when its connection's heartbeats say so."""
-        task = self._open.get(target.name)
-        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-            return target
-        if task.result().silent_for() > self._settings.agent_grace:
-            return target
-        return dataclasses.replace(target, state="up")
-
-    def _lost(self, name: str) -> bool:
-        """Whether the agent was silent past the grace period, or unreachable within it."""
-        if time.monotonic() - self._failed.get(name, -1e9) < self._settings.agent_grace:
-            return True
-        task = self._open.get(name)
-        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-            return False
-        return task.result().silent_for() > self._settings.agent_grace
-
-    async def _connect(self, target: str) -> AgentConnection:
-        from mle_cli.targets.connection import connect
-
-        endpoint = await asyncio.to_thread(resolve_target, target, self._settings)
-        conn = await connect(endpoint, self._settings.rpc_timeout)
-        keep = self._settings.agent_metrics_keep
-        conn.on_heartbeat = agent_metrics.heartbeat_recorder(self._writer, conn.name, keep)
-        if self._settings.heartbeat_interval > 0:
-            conn.follow_heartbeats(self._settings.heartbeat_interval)
-        return conn
-
-    async def close(self) -> None:
-        for task in self._all:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                await task.result().close()
-
-
 def load_resumable(settings: Settings, run_ref: str | None) -> tuple[Plan, str]:
     """The plan and id of a run that can be resumed."""
     if not settings.ledger_path.exists():
@@ -222,7 +123,7 @@ async def execute_plan(
     with run_lock(settings, run_id):
         writer = LedgerWriter(settings.ledger_path)
         reader = Ledger(settings.ledger_path)
-        executors = _Executors(settings, writer)
+        executors = Executors(settings, writer)
         try:
             if resume:
                 prior = load_prior(reader, run_id)

@@ -33,6 +33,7 @@ class Settings:
     mdns_browse_seconds: float = 1.5  # how long `mle agents` listens for mDNS answers
     mdns_interfaces: str = "all"  # "all", or the IPs to browse on, comma-separated
     agent_gone_after: float = 10.0  # a discovered agent unseen this long is shown as gone
+    agent_forget_after: float = 7 * 24 * 3600.0  # ... and this long, dropped from the cache
     agent_metrics_keep: int = 10_000  # heartbeat rows kept in the ledger per agent (newest)
     enroll_listen: str = "0.0.0.0:7444"  # where `mle agent enroll-token` serves enrollment
 

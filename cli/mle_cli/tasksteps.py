@@ -123,32 +123,37 @@ class TaskSteps:
             # It succeeded, but the run stopped before the step was closed: close it now.
             update, target = _prior_result(last), last.agent
         try:
-            executor = await self._executor_for(target)
+            executor: Executor | None = await self._executor_for(target)
         except MleError as e:
-            self._host.finish_step(outcome, result(Status.FAILED, str(e)))
-            return
-        if update is not None:
+            if update is not None or step.retries.max == 0:
+                self._host.finish_step(outcome, result(Status.FAILED, str(e)))
+                return
+            executor = None  # no agent answers yet: the attempt loop asks again, with retries
+        if update is not None and executor is not None:
             await self._conclude(step, outcome, executor, update)
             return
         inputs = self._inputs(step)
-        if last is None or not last.unfinished:
+        if executor is not None and (last is None or not last.unfinished):
             probe = self._request(step, executor, 0, inputs, context)
             if await self._cached(step, outcome, executor, probe):
                 return
         update, executor = await self._attempt_loop(
             step, outcome, executor, inputs, context, attempts
         )
+        if executor is None:  # no agent answered in any try
+            self._host.finish_step(outcome, update)
+            return
         await self._conclude(step, outcome, executor, update)
 
     async def _attempt_loop(
         self,
         step: Step,
         outcome: StepOutcome,
-        executor: Executor,
+        executor: Executor | None,
         inputs: Mapping[str, str],
         context: dict[str, Any],
         earlier: tuple[PriorAttempt, ...],
-    ) -> tuple[TaskUpdate, Executor]:
+    ) -> tuple[TaskUpdate, Executor | None]:
         """Attempts until one succeeds or the retries run out: the last result, and the
         executor it ran on (where its outputs are)."""
         number = max((a.attempt for a in earlier), default=0)
@@ -161,7 +166,8 @@ class TaskSteps:
                     executor = await self._executor_for(resume.agent)
                     this, after = resume.attempt, resume.last_seq
                 else:
-                    if tried > 0:  # a fresh connection, or agent, if the last one was lost
+                    if tried > 0 or executor is None:  # a fresh connection, or another agent
+                        executor = None
                         executor = await self._executor_for(step.target)
                     number += 1
                     this = number

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mle_agent.daemon import build_parser
-from mle_agent.settings import AgentSettings, build_settings
+from mle_agent.daemon import build_parser, main
+from mle_agent.settings import AgentSettings, build_settings, check_listen_security
 from mle_proto.errors import UsageError
 
 
@@ -110,3 +110,33 @@ def test_an_explicit_config_file_must_exist(tmp_path: Path) -> None:
 )
 def test_loopback_detection(listen: str, loopback: bool) -> None:
     assert AgentSettings(listen=listen).is_loopback() is loopback
+
+
+def test_a_missing_default_tls_key_is_one_line_naming_it_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    config = tmp_path / "agent.toml"  # as `mle agent install` writes it: no tls_key
+    config.write_text(
+        f'name = "pi-01"\ndata_dir = "{data}"\nlisten = "0.0.0.0:0"\n'
+        f'tls_cert = "{tmp_path}/agent.crt"\ntls_ca = "{tmp_path}/ca.crt"\n'
+    )
+    expected = (
+        f"no TLS key: expected {data}/agent.key (made by mle-agentd --make-csr) or give --tls-key"
+    )
+    with pytest.raises(UsageError) as caught:
+        check_listen_security(build_settings(_flags(), {}, config))
+    assert caught.value.message == expected
+    assert main(["--config", str(config)]) == UsageError.exit_code
+    assert capsys.readouterr().err == f"mle-agentd: error: {expected}\n"
+    # --make-csr is how the key comes to be: the missing key must not stop it.
+    assert main(["--config", str(config), "--make-csr", str(tmp_path / "pi-01.csr")]) == 0
+    assert (data / "agent.key").is_file()
+    check_listen_security(build_settings(_flags(), {}, config))
+
+
+def test_a_missing_explicit_tls_key_is_named(tmp_path: Path) -> None:
+    argv = ["--tls-cert", "c.pem", "--tls-ca", "ca.pem", "--tls-key", str(tmp_path / "k.pem")]
+    with pytest.raises(UsageError) as caught:
+        check_listen_security(build_settings(_flags(*argv), {}, _empty(tmp_path)))
+    assert caught.value.message == f"no TLS key: {tmp_path}/k.pem (--tls-key) does not exist"

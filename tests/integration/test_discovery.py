@@ -108,6 +108,8 @@ HOSTILE: dict[str, dict[bytes, bytes]] = {
     "bad-labels": {b"proto": b"v1", b"ver": b"0.1.0", b"labels": b"===,=x"},
     "escape": {b"proto": b"v1", b"ver": b"0.1.0", b"name": b"\x1b[31mevil"},
     "bad-fp": {b"proto": b"v1", b"ver": b"0.1.0", b"fp": b"md5:abc"},
+    "glob-name": {b"proto": b"v1", b"ver": b"0.1.0", b"name": b"pi-*"},
+    "label-value": {b"proto": b"v1", b"ver": b"0.1.0", b"labels": b"role=edge lab"},
 }
 
 

@@ -7,6 +7,8 @@ Other tests on this machine may announce on loopback too, so assertions name the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from mle_cli.settings import Settings
 from mle_cli.targets import Endpoint, resolve_target
 from mle_cli.targets.connection import connect
 from mle_cli.targets.discovery import list_agents
-from mle_cli.targets.fleet import Target, fleet_view
+from mle_cli.targets.fleet import AgentFacts, Target, fleet_view, probe_targets
 from mle_proto.errors import NotFound
 from tests.agent_helpers import agent_settings, leak_check, run, running_agent
 from tests.pki_helpers import issue_agent_tls
@@ -176,3 +178,44 @@ def test_an_inventory_only_agent_with_a_host_is_dialled_over_mutual_tls(tmp_path
     nowhere = rows["nowhere-1"]
     assert (nowhere["state"], nowhere["placeable"], nowhere["address"]) == ("unknown", False, "")
     assert "has no host and mDNS has not seen it" in nowhere["note"]
+
+
+# More than the default thread pool ever holds (min(32, cpus + 4)): a check of an agent's identity
+# that took a pool thread would wait behind these until its probe timed out.
+SILENT = 40
+
+
+@contextlib.contextmanager
+def _silent_listener() -> Iterator[int]:
+    """A TCP port whose connections the kernel accepts and nobody ever answers; its number."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+def test_silent_hosts_do_not_starve_the_probe_of_an_agent_that_answers(tmp_path: Path) -> None:
+    settings = _operator(tmp_path)
+    name = f"zz-{_unique('ok')}"  # sorted after the silent ones: asked last
+    agent = issue_agent_tls(settings, name).apply(agent_settings(tmp_path))
+    inventory = settings.project_dir / "targets" / "fleet.yaml"
+
+    async def scenario(ports: list[int]) -> dict[str, AgentFacts]:
+        async with running_agent(agent) as running:
+            entries = [(f"aa-silent-{i:02d}", port) for i, port in enumerate(ports)]
+            inventory.write_text(
+                "".join(
+                    f"- name: {entry}\n  host: {LOOPBACK}\n  agent: {{port: {port}}}\n"
+                    for entry, port in [*entries, (name, running.port)]
+                )
+            )
+            targets = fleet_view(settings).targets
+            return await asyncio.to_thread(probe_targets, targets, settings)
+
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(_silent_listener()) for _ in range(SILENT)]
+        facts = run(scenario(ports))
+    assert facts[name].answered, facts[name].note
+    assert facts[name].cpus >= 1
+    silent = [facts[f"aa-silent-{i:02d}"] for i in range(SILENT)]
+    assert not any(f.answered for f in silent)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mle_cli.ledger import Ledger
-from mle_cli.ledger._agents import discovered_agents, record_discovered
+from mle_cli.ledger._agents import MAX_AGENTS, discovered_agents, record_discovered
 from mle_cli.targets.discovery import TXT_MAX_BYTES, DiscoveredAgent, RecordError, parse_record
 
 GOOD = {
@@ -59,7 +59,52 @@ BAD: dict[str, tuple[dict[bytes, bytes | None], list[str], int | None, str]] = {
     "runtime junk": ({**GOOD, b"rt": b"onnx runtime;rm"}, ["10.0.0.1"], 7443, "malformed 'rt'"),
     "many runtimes": ({**GOOD, b"rt": b"a," * 40}, ["10.0.0.1"], 7443, "malformed 'rt'"),
     "bad fingerprint": ({**GOOD, b"fp": b"sha256:xyz"}, ["10.0.0.1"], 7443, "malformed 'fp'"),
+    "label space": ({**GOOD, b"labels": b"role=edge lab"}, ["10.0.0.1"], 7443, "malformed label"),
+    "label glob": ({**GOOD, b"labels": b"role=*"}, ["10.0.0.1"], 7443, "malformed label"),
+    "label 64 chars": (
+        {**GOOD, b"labels": b"r=" + b"e" * 64},
+        ["10.0.0.1"],
+        7443,
+        "malformed label",
+    ),
+    "label unicode": (
+        {**GOOD, b"labels": "site=Zürich".encode()},
+        ["1.2.3.4"],
+        7443,
+        "malformed label",
+    ),
 }
+
+# Names a selector could not state, or that would turn into one: each would crash `mle plan` or
+# draw steps meant for other agents.
+BAD_NAMES = {
+    "unicode": "Ünïcode", "glob": "pi-*", "glob ?": "pi-?", "brackets": "[pi]",
+    "selector text": "a role=edge", "comma": "pi,01]", "200 chars": "x" * 200,
+    "dot dot": "pi..01", "only dots": "..", "leading dash": "-pi", "leading dot": ".pi",
+    "slash": "pi/01", "colon": "pi:01", "space": "pi 01",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NAMES))
+def test_a_record_whose_name_no_selector_could_state_is_refused(case: str) -> None:
+    name = BAD_NAMES[case]
+    with pytest.raises(RecordError, match="invalid agent name"):
+        parse_record("x", {**GOOD, b"name": name.encode()}, ["10.0.0.1"], 7443, now=0.0)
+    without = {k: v for k, v in GOOD.items() if k != b"name"}  # the instance stands in for it
+    with pytest.raises(RecordError, match="invalid agent name"):
+        parse_record(name, without, ["10.0.0.1"], 7443, now=0.0)
+
+
+def test_names_and_labels_within_the_selector_rules_are_kept() -> None:
+    labels = b"role=edge,rack=3,zone=eu-west/1a,owner=ops@lab,ver=1.2+b,url=a:b,k8s.io/x=,y_z=1"
+    agent = parse_record("x", {**GOOD, b"name": b"Pi_01.lab-2", b"labels": labels}, ["10.0.0.1"],
+                         7443, now=0.0)  # fmt: skip
+    assert agent.name == "Pi_01.lab-2"
+    assert agent.labels == {
+        "role": "edge", "rack": "3", "zone": "eu-west/1a", "owner": "ops@lab", "ver": "1.2+b",
+        "url": "a:b", "k8s.io/x": "", "y_z": "1",
+    }  # fmt: skip
+    assert parse_record("n" * 63, {b"proto": b"v1", b"ver": b"1"}, ["::1"], 1, 0.0).name == "n" * 63
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -87,3 +132,28 @@ def test_the_cache_upserts_and_ages_agents_into_gone(tmp_path: Path) -> None:
     assert rows["pi-01"]["runtimes"] == ["onnxruntime"] and rows["pi-01"]["labels"] == {}
     assert (rows["pi-01"]["first_seen"], rows["pi-01"]["last_seen"]) == (100.0, 150.0)
     assert (rows["pi-01"]["state"], rows["pi-02"]["state"]) == ("up", "gone")
+
+
+def test_the_cache_forgets_agents_long_gone_and_keeps_the_most_recent(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        old = [DiscoveredAgent(f"old-{i}", "10.0.0.1", 7443, last_seen=1000.0) for i in range(3)]
+        record_discovered(ledger, old, forget_after=100.0, now=1000.0)
+        recent = DiscoveredAgent("recent-1", "10.0.0.2", 7443, last_seen=1050.0)
+        record_discovered(ledger, [recent], forget_after=100.0, now=1100.0)  # old-*: 100 s ago
+        assert len(discovered_agents(ledger, 30.0, now=1100.0)) == 4
+        record_discovered(
+            ledger, [], forget_after=100.0, now=1100.5
+        )  # a write of nothing forgets too
+        assert [r["name"] for r in discovered_agents(ledger, 30.0)] == ["recent-1"]
+        flood = [
+            DiscoveredAgent(f"flood-{i:04d}", "10.0.0.3", 7443, last_seen=2000.0 + i)
+            for i in range(MAX_AGENTS + 5)
+        ]
+        record_discovered(ledger, flood, forget_after=7 * 86400.0, now=3000.0)
+        names = [r["name"] for r in discovered_agents(ledger, 30.0)]
+    finally:
+        ledger.close()
+    assert len(names) == MAX_AGENTS == 1000
+    assert "recent-1" not in names and "flood-0004" not in names  # seen longest ago: dropped
+    assert names[0] == "flood-0005" and names[-1] == f"flood-{MAX_AGENTS + 4:04d}"

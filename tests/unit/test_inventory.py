@@ -199,11 +199,11 @@ def test_the_fleet_merges_inventory_and_mdns_by_name(tmp_path: Path) -> None:
     settings = _settings(_project(tmp_path, **{"fleet.yaml": INVENTORY}))
     _cache(
         settings,
-        _seen("both-1", "192.168.1.9", 7600, labels={"role": "edge", "arch": "arm"},
+        _seen("both-1", "10.1.0.1", 7600, labels={"role": "edge", "arch": "arm"},
               fingerprint=FP, arch="aarch64", os="Linux 6.1", version="0.4.0"),
-        _seen("both-noport", "192.168.1.10", 7601),
+        _seen("both-noport", "10.1.0.2", 7601),
         _seen("both-nohost", "192.168.1.11", 7602),
-        _seen("both-gone", "192.168.1.12", ago=3600),
+        _seen("both-gone", "10.1.0.4", ago=3600),
         _seen("mdns-up", "192.168.1.13", labels={"role": "edge"}),
         _seen("mdns-gone", "192.168.1.14", ago=3600),
         _seen("local", "192.168.1.66"),  # a record claiming the reserved name is ignored
@@ -236,6 +236,47 @@ def test_the_fleet_merges_inventory_and_mdns_by_name(tmp_path: Path) -> None:
     assert targets["mdns-up"].address == "192.168.1.13:7443"
     assert (targets["mdns-gone"].state, targets["mdns-gone"].placeable) == ("gone", False)
     assert known_targets(settings) == list(targets)
+
+
+SPOOFED = """\
+- name: pi-01
+  host: 10.1.0.1
+  labels: {role: edge}
+- name: srv-01
+  host: srv-01.example.com
+- name: v6-01
+  host: "fd00::1"
+"""
+
+
+def test_an_mdns_record_from_another_address_has_no_say_over_an_inventory_entry(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(_project(tmp_path, **{"fleet.yaml": SPOOFED}))
+    _cache(
+        settings,
+        # Anyone on the LAN may announce pi-01: labels to draw steps, a fingerprint to block it.
+        _seen("pi-01", "192.168.1.66", 7600, labels={"gpu": "yes", "role": "server"},
+              fingerprint=FP, arch="x86_64", version="6.6.6"),
+        _seen("srv-01", "203.0.113.9", 7601, labels={"gpu": "yes"}, fingerprint=FP),  # no DNS
+        _seen("v6-01", "fd00:0:0:0:0:0:0:1", 7602, labels={"site": "lab"}, fingerprint=FP),
+    )  # fmt: skip
+    targets = {t.name: t for t in fleet_targets(settings)}
+    pi = targets["pi-01"]
+    assert (pi.source, pi.state, pi.address, pi.labels) == (
+        "inventory", "unknown", "10.1.0.1:7443", {"role": "edge"},
+    )  # fmt: skip
+    assert (pi.fingerprint, pi.arch, pi.version, pi.last_seen) == ("", "", "", 0.0)
+    srv = targets["srv-01"]
+    assert (srv.source, srv.labels, srv.fingerprint) == ("inventory", {}, "")
+    v6 = targets["v6-01"]  # the same IP written another way is the same host
+    assert (v6.source, v6.address, v6.labels) == (
+        "inventory+mdns",
+        "[fd00::1]:7602",
+        {"site": "lab"},
+    )
+    assert v6.fingerprint == FP
+    assert resolve_target("pi-01", settings, start=False).fingerprint == ""
 
 
 def test_merge_without_inventory_or_cache() -> None:

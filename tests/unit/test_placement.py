@@ -145,5 +145,29 @@ def test_a_step_needing_every_targets_copy_of_one_output_is_refused(tmp_path: Pa
         place_plan(_plan(tmp_path, text), FLEET)
     assert str(caught.value).endswith(
         "steps.report.needs: needs probe, which runs on each of 2 targets and each writes "
-        "where.txt: use mle/select to pick one, or drop its outputs"
+        "where.txt at the same path: drop its outputs"
+    )
+
+
+def test_every_expanded_need_is_checked_and_results_of_each_steps_cannot_be_read(
+    tmp_path: Path,
+) -> None:
+    two = (
+        RECIPE.replace("    each: true\n", "    each: true\n    outputs: [b.txt]\n")
+        .replace(
+            "needs: [probe]\n    run: echo done", "needs: [prepare, probe]\n    run: echo done"
+        )
+        .replace("role: server}}\n", "role: server}}\n    each: true\n")  # one target: one child
+    )
+    with pytest.raises(RecipeError) as caught:
+        place_plan(_plan(tmp_path, two), FLEET)
+    assert "needs probe, which runs on each of 2 targets" in str(caught.value)
+    reads = RECIPE.replace(
+        "    run: echo done", '    when: steps.probe.status == "succeeded"\n    run: echo done'
+    )
+    with pytest.raises(RecipeError) as caught:
+        place_plan(_plan(tmp_path, reads), FLEET)
+    assert str(caught.value).endswith(
+        "steps.report.needs: reads steps.probe, which runs on each of 2 targets (each: true) "
+        "and so has no single result: need it without reading it"
     )

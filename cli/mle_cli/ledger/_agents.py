@@ -1,4 +1,5 @@
-"""Agents found by mDNS, cached in the ledger: upserted when seen, aged to "gone", never dropped."""
+"""Agents found by mDNS, cached in the ledger: upserted when seen, aged to "gone", forgotten once
+unseen for long, and bounded in number (any host on the LAN can announce names by the thousand)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from mle_cli.ledger._ledger import Ledger, Row
 if TYPE_CHECKING:
     from mle_cli.targets.discovery import DiscoveredAgent
 
-__all__ = ["STATES", "discovered_agents", "record_discovered"]
+__all__ = ["MAX_AGENTS", "STATES", "discovered_agents", "record_discovered"]
 
 STATES = ("up", "gone")
+MAX_AGENTS = 1000  # cached rows kept; those seen longest ago go first
 
 _UPSERT = """
 INSERT INTO discovered_agents (name, address, port, arch, os, runtimes, labels, fingerprint,
@@ -26,15 +28,31 @@ ON CONFLICT (name) DO UPDATE SET
     version = excluded.version, source = excluded.source,
     last_seen = MAX(last_seen, excluded.last_seen)
 """
+_FORGET = "DELETE FROM discovered_agents WHERE last_seen < ?"
+_KEEP_NEWEST = """
+DELETE FROM discovered_agents WHERE name NOT IN (
+    SELECT name FROM discovered_agents ORDER BY last_seen DESC, name LIMIT ?)
+"""
 
 
 def record_discovered(
-    ledger: Ledger, agents: Iterable[DiscoveredAgent], source: str = "mdns"
+    ledger: Ledger,
+    agents: Iterable[DiscoveredAgent],
+    source: str = "mdns",
+    *,
+    forget_after: float | None = None,
+    keep: int = MAX_AGENTS,
+    now: float | None = None,
 ) -> int:
-    """Insert or refresh the agents just seen; return how many."""
+    """Insert or refresh the agents just seen, then drop the rows unseen for `forget_after`
+    seconds (None: none) and all but the `keep` seen most recently; return how many were seen."""
     rows = [_row(agent, source) for agent in agents]
+    now = time.time() if now is None else now
     with ledger.transaction():
         ledger.conn.executemany(_UPSERT, rows)
+        if forget_after is not None:
+            ledger.conn.execute(_FORGET, (now - forget_after,))
+        ledger.conn.execute(_KEEP_NEWEST, (max(0, keep),))
     return len(rows)
 
 

@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import hashlib
 import os
-import socket
 import ssl
 import tempfile
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ async def check_agent_identity(endpoint: Endpoint, timeout: float) -> None:
         return
     context = _client_context(tls)
     try:
-        der, accepted = await asyncio.to_thread(_handshake, endpoint, context, timeout)
+        der, accepted = await _handshake(endpoint, context, timeout)
     except ssl.SSLCertVerificationError as exc:
         raise _agent_refused(endpoint.name, exc) from None
     except ssl.SSLError as exc:
@@ -51,8 +50,7 @@ async def check_agent_identity(endpoint: Endpoint, timeout: float) -> None:
             hint="is it started with --tls-cert, --tls-key and --tls-ca?",
         ) from None
     except OSError as exc:
-        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
-        raise AgentUnavailable(f"agent {endpoint.name}: unreachable ({reason})") from None
+        raise AgentUnavailable(f"agent {endpoint.name}: unreachable ({_reason(exc)})") from None
     except ValueError:  # ssl's IDNA encoding of the name failed: no certificate can carry it
         raise InvalidInput(f"agent name {endpoint.name!r} is not a valid TLS host name") from None
     if not accepted:
@@ -60,26 +58,51 @@ async def check_agent_identity(endpoint: Endpoint, timeout: float) -> None:
     _check_fingerprint(endpoint, der)
 
 
-def _handshake(endpoint: Endpoint, context: ssl.SSLContext, timeout: float) -> tuple[bytes, bool]:
-    """The agent's certificate (DER) and whether the agent went on talking after the handshake."""
+async def _handshake(
+    endpoint: Endpoint, context: ssl.SSLContext, timeout: float
+) -> tuple[bytes, bool]:
+    """The agent's certificate (DER) and whether the agent went on talking after the handshake.
+
+    No thread: the default pool is small (min(32, cpus + 4)), and a few silent hosts would hold
+    every worker, starving the checks of agents that answer."""
     host, port = _split_address(endpoint.address)
-    with (
-        socket.create_connection((host, port), timeout=timeout) as raw,
-        context.wrap_socket(raw, server_hostname=endpoint.name) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True) or b""
-        try:
-            # A grpc server that accepted us sends its HTTP/2 settings at once; one that refused
-            # our certificate closes the connection.
-            return der, bool(tls.recv(1))
-        except TimeoutError:
-            return der, True  # silent, not refusing: let the RPC tell
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionResetError):
-            return der, False
-        except ssl.SSLError as exc:
-            if _is_certificate_alert(exc):
-                return der, False
-            raise
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=endpoint.name),
+            timeout,
+        )
+    except TimeoutError:
+        raise TimeoutError("timed out") from None  # what a blocking socket says
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = (ssl_object.getpeercert(binary_form=True) if ssl_object else None) or b""
+        return der, await _still_talking(reader, max(0.0, deadline - loop.time()))
+    finally:
+        writer.transport.abort()  # no TLS close to wait for: the agent learns nothing from it
+
+
+async def _still_talking(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """Whether the agent sends on after the handshake or stays silent (False: it hung up)."""
+    try:
+        # A grpc server that accepted us sends its HTTP/2 settings at once; one that refused
+        # our certificate closes the connection.
+        return bool(await asyncio.wait_for(reader.read(1), timeout))
+    except TimeoutError:
+        return True  # silent, not refusing: let the RPC tell
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionResetError):
+        return False
+    except ssl.SSLError as exc:
+        if _is_certificate_alert(exc):
+            return False
+        raise
+
+
+def _reason(exc: OSError) -> str:
+    """An OS error in a few lower-case words: `connection refused`, `timed out`."""
+    text = os.strerror(exc.errno) if exc.errno else ""
+    return (text or exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
 def _client_context(tls: TlsIdentity) -> ssl.SSLContext:

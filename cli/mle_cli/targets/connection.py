@@ -101,6 +101,7 @@ class AgentConnection:
         self.last_heartbeat: pb.AgentHeartbeat | None = None
         # Called with each heartbeat received (e.g. to record its metrics in the ledger).
         self.on_heartbeat: Callable[[pb.AgentHeartbeat], None] | None = None
+        self.on_slot_freed: Callable[[], None] | None = None  # an attempt gave its slot back
 
     def silent_for(self) -> float:
         """Seconds since the last heartbeat (0 when heartbeats are not followed)."""
@@ -226,10 +227,16 @@ class AgentConnection:
             if not store.has(digest):
                 await self._get(digest, store)
 
-    async def close(self) -> None:
-        """Stop following heartbeats and close the channel."""
+    def stop_heartbeats(self) -> None:
+        """Stop following heartbeats (a replaced connection must not record them twice)."""
+        self.on_heartbeat = None
         if self._heartbeats is not None:
             self._heartbeats.cancel()
+
+    async def close(self) -> None:
+        """Stop following heartbeats and close the channel."""
+        self.stop_heartbeats()
+        if self._heartbeats is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeats
         await self._channel.close(None)
@@ -294,6 +301,8 @@ class _Slot:
     async def __aexit__(self, *exc: object) -> None:
         self._conn.busy -= 1
         self._conn._slots.release()
+        if self._conn.on_slot_freed is not None:
+            self._conn.on_slot_freed()
 
 
 def _task_spec(request: TaskRequest) -> pb.TaskSpec:

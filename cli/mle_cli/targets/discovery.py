@@ -1,10 +1,11 @@
 """mDNS discovery of agents: a bounded browse for `_mle-agent._tcp.local.` and `mle agents`.
 
 Records are hostile until validated: a malformed one (wrong proto, missing fields, huge TXT,
-non-UTF-8, control characters) is ignored with a debug log line and never stops the browse.
-Found agents are cached in the ledger, so a listing also shows those not heard this time (as
-"gone" once unseen for `agent_gone_after` seconds). `mle agents` lists the whole fleet (the
-inventory too, see `fleet`) with each agent's live facts. zeroconf is imported lazily.
+non-UTF-8, control characters, a name or label no selector could state) is ignored with a debug
+log line and never stops the browse. Found agents are cached in the ledger, so a listing also
+shows those not heard this time (as "gone" once unseen for `agent_gone_after` seconds, forgotten
+after `agent_forget_after`). `mle agents` lists the whole fleet (the inventory too, see `fleet`)
+with each agent's live facts. zeroconf is imported lazily.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from mle_cli.settings import Settings
+from mle_cli.targets.selectors import LABEL_KEY, LABEL_VALUE, NAME
 from mle_proto import PROTO_VERSION
 
 if TYPE_CHECKING:
@@ -43,7 +45,6 @@ __all__ = [
 SERVICE_TYPE = "_mle-agent._tcp.local."
 TXT_MAX_BYTES = 1024  # a real record is well under this (labels and name are each <= 255)
 _RESOLVE_WAIT = 0.5  # seconds one unanswered record may hold the browse loop
-_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _RUNTIME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -126,7 +127,7 @@ def cached_agents(
     ledger = Ledger(settings.ledger_path)
     try:
         if found:
-            agents.record_discovered(ledger, found)
+            agents.record_discovered(ledger, found, forget_after=settings.agent_forget_after)
         return agents.discovered_agents(ledger, settings.agent_gone_after)
     finally:
         ledger.close()
@@ -134,10 +135,14 @@ def cached_agents(
 
 def discover_agents(seconds: float, interfaces: str = "all") -> Browse:
     """Browse mDNS for `seconds`; return the valid agent records heard."""
-    zc = _open_zeroconf(interfaces)
+    networks = _networks(interfaces)
+    if networks == ():  # zeroconf sends unicast-mode questions from any address without fail
+        zc: Zeroconf | str = f"no interface has the address {interfaces}"
+    else:
+        zc = _open_zeroconf(interfaces)
     if isinstance(zc, str):
         return Browse(warning=f"mDNS is unavailable ({zc}); showing cached agents only")
-    return _browse(zc, seconds, _networks(interfaces))
+    return _browse(zc, seconds, networks)
 
 
 def _networks(interfaces: str) -> tuple[IPv4Network | IPv6Network, ...] | None:
@@ -160,15 +165,11 @@ def _browse(
     zc: Zeroconf, seconds: float, networks: tuple[IPv4Network | IPv6Network, ...] | None = None
 ) -> Browse:
     """Browse with zeroconf for `seconds`, then close it (its threads end)."""
-    from zeroconf import DNSQuestionType, ServiceBrowser
+    from zeroconf import ServiceBrowser
 
     try:
         names: queue.SimpleQueue[str] = queue.SimpleQueue()
-        # Multicast questions (QM): a unicast answer to port 5353 reaches only one of the
-        # sockets bound there (avahi, other zeroconf users on this host), maybe not ours.
-        browser = ServiceBrowser(
-            zc, SERVICE_TYPE, handlers=[_Collector(names)], question_type=DNSQuestionType.QM
-        )
+        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[_Collector(names)])
         try:
             return _collect(zc, names, time.monotonic() + seconds, networks)
         finally:
@@ -198,7 +199,7 @@ def parse_record(
     if fingerprint and not _FINGERPRINT.fullmatch(fingerprint):
         raise RecordError("malformed 'fp'")
     return DiscoveredAgent(
-        name=txt.get("name") or instance,
+        name=_agent_name(txt.get("name") or instance),
         address=_best_address(addresses),
         port=port,
         arch=txt.get("arch", ""),
@@ -227,11 +228,15 @@ class _Collector:
 def _zeroconf_options(interfaces: str) -> dict[str, Any]:
     from zeroconf import InterfaceChoice, IPVersion
 
+    # Legacy unicast (RFC 6762 6.7): questions from a port of our own, answered straight to it.
+    # Bound to 5353 instead, an answer unicast to that port reaches just one of the sockets there
+    # (avahi, another mle), and multicast answers are rate-limited to one a second per record.
     chosen = [part.strip() for part in interfaces.split(",") if part.strip()]
     if not chosen or chosen == ["all"]:
-        return {"interfaces": InterfaceChoice.All, "ip_version": IPVersion.V4Only}
+        return {"interfaces": InterfaceChoice.All, "ip_version": IPVersion.V4Only, "unicast": True}
     v6 = any(":" in address for address in chosen)
-    return {"interfaces": chosen, "ip_version": IPVersion.All if v6 else IPVersion.V4Only}
+    version = IPVersion.All if v6 else IPVersion.V4Only
+    return {"interfaces": chosen, "ip_version": version, "unicast": True}
 
 
 def _open_zeroconf(interfaces: str) -> Zeroconf | str:
@@ -276,12 +281,12 @@ def _collect(
 
 def _resolve(zc: Zeroconf, name: str, wait: float) -> None:
     """Ask for a record's SRV/TXT/A unless the announcement already brought them."""
-    from zeroconf import DNSQuestionType, ServiceInfo
+    from zeroconf import ServiceInfo
 
     info = ServiceInfo(SERVICE_TYPE, name)
     try:
         if not info.load_from_cache(zc):
-            info.request(zc, timeout=wait * 1000, question_type=DNSQuestionType.QM)
+            info.request(zc, timeout=wait * 1000)
     except Exception as exc:  # noqa: BLE001 - a hostile record must never stop the browse
         log.debug("ignoring mDNS record %.80r: cannot resolve it: %s", name, exc)
 
@@ -348,13 +353,22 @@ def _decode_txt(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
     return txt
 
 
+def _agent_name(name: str) -> str:
+    """A name that can be a target's: selectors.NAME (no glob, space or comma), no '..' (an
+    empty DNS label: no certificate can be checked against it)."""
+    if not NAME.fullmatch(name) or ".." in name:
+        raise RecordError(f"invalid agent name {name[:80]!r}")
+    return name
+
+
 def _parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k=v` where keys and values follow the selector rules (labels are selected on)."""
     labels: dict[str, str] = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = pair.partition("=")
-        if not sep or not _LABEL_KEY.fullmatch(key.strip()):
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not LABEL_KEY.fullmatch(key) or not LABEL_VALUE.fullmatch(value):
             raise RecordError(f"malformed label {pair[:40]!r}")
-        labels[key.strip()] = value.strip()
+        labels[key] = value
     return labels
 
 

@@ -3,7 +3,9 @@ agents found by mDNS (cached in the ledger), merged by name; an inventory entry 
 
 Merge rules for a name both in the inventory and in the mDNS cache: the inventory's host and port
 win when written, labels are merged with the inventory's keys winning, and the fingerprint, facts
-and last-seen time come from mDNS.
+and last-seen time come from mDNS. Any host on the LAN can announce any name, so for an entry with
+a host the record counts only when it was announced from that very IP address (nothing is
+resolved): otherwise it is ignored for that entry, which stays as the inventory alone describes it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
 from mle_cli.settings import Settings
@@ -173,17 +176,16 @@ def _from_mdns(row: Mapping[str, Any]) -> Target:
 def _from_inventory(entry: InventoryEntry, row: Mapping[str, Any] | None) -> Target:
     from mle_cli.targets.inventory import DEFAULT_AGENT_PORT, join_address
 
+    if row is not None and entry.host and not _same_ip(entry.host, row["address"]):
+        # A record naming this entry but sent from elsewhere could add labels (drawing steps to
+        # the entry) or pin a fingerprint (refusing the real machine): it has no say here.
+        log.debug(
+            "ignoring the mDNS record of %s from %s: the inventory says %s",
+            entry.name, row["address"], entry.host,
+        )  # fmt: skip
+        row = None
     if row is None:
-        # Never seen on mDNS: with a host it may well be up (it is dialled to find out), so its
-        # state is unknown, not gone; without a host nobody knows where it is.
-        return Target(
-            name=entry.name,
-            address=entry.address,
-            labels=dict(entry.labels),
-            source="inventory",
-            state="unknown",
-            inventory=entry,
-        )
+        return _inventory_only(entry)
     host = entry.host or row["address"]
     port = entry.port or row["port"] or DEFAULT_AGENT_PORT  # what it announced beats a default
     state = row["state"]
@@ -198,6 +200,28 @@ def _from_inventory(entry: InventoryEntry, row: Mapping[str, Any] | None) -> Tar
         inventory=entry,
         **_mdns_facts(row),
     )
+
+
+def _inventory_only(entry: InventoryEntry) -> Target:
+    """The target as its inventory entry alone describes it."""
+    # Not seen on mDNS (from its host): with a host it may well be up (it is dialled to find
+    # out), so its state is unknown, not gone; without a host nobody knows where it is.
+    return Target(
+        name=entry.name,
+        address=entry.address,
+        labels=dict(entry.labels),
+        source="inventory",
+        state="unknown",
+        inventory=entry,
+    )
+
+
+def _same_ip(host: str, address: str) -> bool:
+    """Whether the inventory's host is the IP address a record came from (names never are)."""
+    try:
+        return ip_address(host.split("%")[0]) == ip_address(address.split("%")[0])
+    except ValueError:
+        return False
 
 
 def _mdns_facts(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["LABEL_KEY", "NAME", "Selector", "SelectorError"]
+__all__ = ["LABEL_KEY", "LABEL_VALUE", "NAME", "Selector", "SelectorError"]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a target (agent) name
 _NAME_GLOB = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,63}")
 LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
-_LABEL_VALUE = re.compile(r"[A-Za-z0-9._/:@+-]{0,63}")
+LABEL_VALUE = re.compile(r"[A-Za-z0-9._/:@+-]{0,63}")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -55,7 +55,7 @@ class Selector:
                     f"{name!r} is not a target name or glob (letters, digits, . _ - and * ? [ ])"
                 )
         for key, value in labels.items():
-            if not LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+            if not LABEL_KEY.fullmatch(key) or not LABEL_VALUE.fullmatch(value):
                 raise SelectorError(
                     f"label {key}={value!r} is not valid: use letters, digits and . _ / - "
                     "(values may also hold : @ +, up to 63 characters)"
