@@ -227,7 +227,13 @@ def install(
     from mle_cli.targets.install import InstallOptions, install_agents
 
     options = InstallOptions(
-        trust_new_host_key, parallel, wheelhouse, offline, wheel, start_timeout, upgrade=False
+        trust_new_host_key=trust_new_host_key,
+        parallel=parallel,
+        wheelhouse=wheelhouse,
+        offline=offline,
+        wheel=wheel,
+        start_timeout=start_timeout,
+        upgrade=False,
     )
     _finish(install_agents(settings_from(ctx), target, options, _progress))
 
@@ -251,7 +257,13 @@ def upgrade(
     from mle_cli.targets.install import InstallOptions, install_agents
 
     options = InstallOptions(
-        trust_new_host_key, parallel, wheelhouse, offline, wheel, start_timeout, upgrade=True
+        trust_new_host_key=trust_new_host_key,
+        parallel=parallel,
+        wheelhouse=wheelhouse,
+        offline=offline,
+        wheel=wheel,
+        start_timeout=start_timeout,
+        upgrade=True,
     )
     _finish(install_agents(settings_from(ctx), target, options, _progress))
 
@@ -269,7 +281,7 @@ def uninstall(
     """
     from mle_cli.targets.install import InstallOptions, uninstall_agents
 
-    options = InstallOptions(trust_new_host_key, parallel)
+    options = InstallOptions(trust_new_host_key=trust_new_host_key, parallel=parallel)
     _finish(uninstall_agents(settings_from(ctx), target, options, _progress))
 
 
@@ -290,7 +302,7 @@ def logs(
     from mle_cli.render import printable
     from mle_cli.targets.install import InstallOptions, agent_logs, failure
 
-    options = InstallOptions(trust_new_host_key, parallel)
+    options = InstallOptions(trust_new_host_key=trust_new_host_key, parallel=parallel)
     results = agent_logs(settings_from(ctx), target, lines, options)
     for result in results:
         if result.ok:
