@@ -398,7 +398,7 @@ def test_an_unknown_target_is_a_compile_error_for_run_too(project: Project) -> N
     proc = project.mle("run", recipe)
     assert proc.returncode == 3
     _assert_one_error_line(
-        proc.stderr, "r.yaml:3:3: steps.a.on: no target 'nosuch'; known targets: local"
+        proc.stderr, "r.yaml:3:3: steps.a.on: no target 'nosuch'; targets seen: local"
     )
     assert not project.ledger.exists()
 
