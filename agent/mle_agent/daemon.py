@@ -40,6 +40,11 @@ __all__ = ["build_parser", "main", "run_agent", "state_file_content"]
 
 log = logging.getLogger("mle_agent")
 PROG = "mle-agentd"
+_TOKEN_LINE = 4096  # a token is under 80 characters: never read an unbounded line
+_ARGV_WARNING = (
+    "a token given as --enroll TOKEN is visible to other local users (ps, /proc); give "
+    "--enroll - and the token on stdin: printf '%s\\n' TOKEN | mle-agentd ... --enroll -"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--enroll",
         metavar="TOKEN",
         help="exchange a token from `mle agent enroll-token` for this agent's certificate "
-        "(written to the data dir as agent.crt and ca.crt, next to its key), then serve with it",
+        "(written to the data dir as agent.crt and ca.crt, next to its key), then serve with it; "
+        "'-' reads the token from stdin (on the command line, other local users can see it)",
     )
     add("--operator", metavar="HOST:PORT", help="where `mle agent enroll-token` serves (--enroll)")
     add(
@@ -302,9 +308,24 @@ def _enroll(settings: AgentSettings, args: argparse.Namespace) -> AgentSettings:
             "--enroll TOKEN, --operator HOST:PORT and --ca-fingerprint go together, as "
             "mle agent enroll-token prints them"
         )
-    enrolled = enroll(settings, args.enroll, args.operator, args.ca_fingerprint)
+    if args.enroll == "-":
+        token = _stdin_token()
+    else:
+        token = args.enroll
+        print(f"{PROG}: warning: {_ARGV_WARNING}", file=sys.stderr, flush=True)  # noqa: T201
+    enrolled = enroll(settings, token, args.operator, args.ca_fingerprint)
     print(enrolled.message, flush=True)  # noqa: T201 - what to start with next time
     return enrolled.settings
+
+
+def _stdin_token() -> str:
+    """One line from stdin (`--enroll -`): where no other local user can read the token."""
+    if sys.stdin is None:
+        return ""
+    try:
+        return sys.stdin.readline(_TOKEN_LINE).strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _fail(exc: MleError) -> int:

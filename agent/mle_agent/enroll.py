@@ -1,6 +1,6 @@
-"""Enrollment without SSH, the device's side: `mle-agentd --enroll TOKEN --operator HOST:PORT
---ca-fingerprint sha256:...` exchanges a single-use token from `mle agent enroll-token` for this
-agent's certificate, then the agent serves with it.
+"""Enrollment without SSH, the device's side: `printf '%s\n' TOKEN | mle-agentd --enroll -
+--operator HOST:PORT --ca-fingerprint sha256:...` exchanges a single-use token from
+`mle agent enroll-token` for this agent's certificate, then the agent serves with it.
 
 The key is made here (`identity.agent_csr`) and never leaves. The operator is checked before the
 token is sent: the CA it hands over must have the pinned fingerprint, and the certificate it
@@ -66,12 +66,9 @@ def enroll(
     timeout: float = TIMEOUT,
 ) -> Enrollment:
     """Exchange `token` for this agent's certificate at `operator` (HOST:PORT), whose CA must
-    have `ca_fingerprint`; skipped when the data dir already holds a certificate from that CA."""
+    have `ca_fingerprint`; skipped when the data dir already holds a certificate from that CA
+    (a service restarted with `--enroll -` and nothing on stdin starts as enrolled)."""
     match = re.fullmatch(TOKEN, token.strip())
-    if match is None:  # never echoed: it may be the secret with a typo
-        raise UsageError(
-            "invalid --enroll token: expected <id>.<secret> from mle agent enroll-token"
-        )
     pinned = _pinned(ca_fingerprint)
     host, port = split_listen(operator)
     files = _files(settings)
@@ -79,8 +76,18 @@ def enroll(
     assert cert_path is not None and key_path is not None and ca_path is not None
     done = _enrolled_fingerprint(files, pinned)
     if done:
+        unused = f"token {match[1]} was not used" if match else "no token needed"
         return Enrollment(files, f"{settings.name} is already enrolled ({cert_path}, {done}); "
-                          f"token {match[1]} was not used")  # fmt: skip
+                          f"{unused}")  # fmt: skip
+    if not token.strip():
+        raise UsageError(
+            "no enrollment token: give it on stdin with --enroll - (printf '%s\\n' TOKEN | "
+            "mle-agentd ... --enroll -), as mle agent enroll-token prints"
+        )
+    if match is None:  # never echoed: it may be the secret with a typo
+        raise UsageError(
+            "invalid --enroll token: expected <id>.<secret> from mle agent enroll-token"
+        )
     request = {
         "token": token.strip(),
         "name": settings.name,
@@ -126,6 +133,10 @@ def _exchange(
         raise AgentUnavailable(
             f"cannot reach the operator at {where}: {(exc.strerror or str(exc)).lower()}",
             hint="is mle agent enroll-token still serving there?",
+        ) from None
+    except (ValueError, OverflowError):  # UnicodeError (idna: a label over 63), a port too big
+        raise UsageError(
+            f"invalid --operator {where[:100]!r}: expected HOST:PORT with a valid host name or IP"
         ) from None
     return _certificate(reply, where), ca_pem
 

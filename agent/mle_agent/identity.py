@@ -21,13 +21,26 @@ from mle_proto.errors import MleError, UsageError
 if TYPE_CHECKING:
     from cryptography import x509
 
-__all__ = ["KEY_FILE", "NAME", "agent_csr", "make_csr"]
+__all__ = [
+    "KEY_FILE",
+    "NAME",
+    "NOT_OPERATOR_MESSAGE",
+    "OPERATOR_CN_PREFIX",
+    "agent_csr",
+    "is_operator",
+    "make_csr",
+]
 
 KEY_FILE = "agent.key"  # in the data dir
 # The operator's rule for a target name (mle_cli.targets.selectors.NAME; the agent cannot import
 # mle_cli, and a test checks the two agree): the name becomes the certificate's DNS name.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# The common name of the operator's client certificate starts with this (the project CA issues
+# it; mle_cli.targets.pki.OPERATOR_CN_PREFIX, a test checks they agree). The space keeps every
+# agent out: no agent name has one, so another agent's certificate never passes.
+OPERATOR_CN_PREFIX = "mle operator "
+NOT_OPERATOR_MESSAGE = "only the operator may call this agent"
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,11 @@ def agent_csr(key_path: Path, name: str, addresses: Sequence[str] = ()) -> bytes
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     csr = builder.add_extension(san, critical=False).sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def is_operator(common_names: Sequence[str]) -> bool:
+    """Whether a verified client certificate with these subject common names is the operator's."""
+    return bool(common_names) and all(cn.startswith(OPERATOR_CN_PREFIX) for cn in common_names)
 
 
 def make_csr(settings: AgentSettings, csr_path: Path) -> str:

@@ -8,6 +8,7 @@ serving: `mle.v1.Models` and the Open Inference Protocol's `inference.GRPCInfere
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # public as health.aio; the stubs lack it
 
+from mle_agent.identity import NOT_OPERATOR_MESSAGE, is_operator
 from mle_agent.servicers import AgentServicer, ArtifactsServicer
 from mle_agent.serving.oip_grpc import InferenceServicer
 from mle_agent.serving.servicer import ModelsServicer
@@ -69,7 +71,11 @@ async def create_server(
     host, port = split_listen(settings.listen)
     if port:
         _probe(host, port, settings.listen)
-    interceptors = [_TokenAuth(token)] if token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+    if credentials is not None:  # outermost: a caller that is not the operator learns nothing
+        interceptors.append(_OperatorOnly())
+    if token:
+        interceptors.append(_TokenAuth(token))
     server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
     http_port = serving.http_port if serving else 0
     pb_grpc.add_AgentServicer_to_server(AgentServicer(manager, http_port), server)
@@ -199,6 +205,66 @@ def _denied(handler: Handler) -> Handler:
     make: Callable[..., Handler] = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
         _deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _OperatorOnly(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Under mutual TLS, every call, health checks included, must come from the operator's
+    certificate: any agent's certificate is from the project CA too, and must not run tasks on
+    another agent."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        """The handler, behind a check of the caller's certificate (known only inside a call)."""
+        handler = await continuation(handler_call_details)
+        return handler if handler is None else _guarded(handler)
+
+
+def peer_is_operator(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the call's verified client certificate is the operator's."""
+    names = context.auth_context().get("x509_common_name", [])
+    return is_operator([n.decode("utf-8", "replace") for n in names])
+
+
+async def _require_operator(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if not peer_is_operator(context):
+        log.warning("refused a call from %s: not the operator's certificate", context.peer())
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, NOT_OPERATOR_MESSAGE)
+
+
+def _guarded(handler: Handler) -> Handler:
+    """A handler of the same shape as `handler` that checks the caller first."""
+    streaming = (handler.request_streaming, handler.response_streaming)
+    kinds = {
+        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    }
+    attribute, make = kinds[streaming]
+    behavior: Callable[..., Any] = getattr(handler, attribute)
+    guarded: Callable[..., Any]
+    if inspect.isasyncgenfunction(behavior):  # a response stream yielded, not written
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await _require_operator(context)
+            async for item in behavior(request, context):
+                yield item
+
+    else:
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await _require_operator(context)
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+    return make(
+        guarded,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

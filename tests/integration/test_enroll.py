@@ -50,7 +50,8 @@ class Session:
     """A running `mle agent enroll-token` and the device command it printed."""
 
     process: subprocess.Popen[str]
-    argv: list[str]
+    pipe: str  # `printf '%s\n' TOKEN`: what feeds the token to the device command's stdin
+    argv: list[str]  # the device command, after the pipe
 
     def flag(self, name: str) -> str:
         """A flag's value in the printed command."""
@@ -58,7 +59,9 @@ class Session:
 
     @property
     def token(self) -> str:
-        return self.flag("--enroll")
+        words = shlex.split(self.pipe)
+        assert words[:2] == ["printf", "%s\\n"] and len(words) == 3, self.pipe
+        return words[2]
 
     @property
     def token_id(self) -> str:
@@ -75,7 +78,7 @@ class Session:
     def finish(self, timeout: float = 60) -> tuple[int, str, str]:
         """Wait for it to end: exit code, all of stdout (the command first), stderr."""
         out, err = self.process.communicate(timeout=timeout)
-        first = shlex.join(self.argv) + "\n"
+        first = f"{self.pipe} | {shlex.join(self.argv)}\n"
         return self.process.returncode, first + out, err
 
 
@@ -88,7 +91,9 @@ def start_session(project: Project, name: str, *args: str) -> Session:
     if not line:
         proc.kill()
         raise AssertionError(f"no command printed: {proc.communicate()[1]}")
-    return Session(proc, shlex.split(line))
+    pipe, bar, command = line.strip().partition(" | ")
+    assert bar, line
+    return Session(proc, pipe, shlex.split(command))
 
 
 def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -98,27 +103,39 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return changed
 
 
-def run_device(directory: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a device command that must end (a refused enrollment)."""
+def run_device(
+    directory: Path, argv: list[str], pipe: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run a device command that must end (a refused enrollment); with `pipe` (the printed
+    `printf ... TOKEN`), through sh exactly as printed: `pipe | command`."""
     assert argv[0] == "mle-agentd"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "empty.toml").touch()
+    command = [sys.executable, "-m", "mle_agent", "--config", str(directory / "empty.toml"),
+               "--data-dir", str(directory / "data"), *argv[1:]]  # fmt: skip
+    if pipe:
+        command = ["sh", "-c", f"{pipe} | {shlex.join(command)}"]
     return subprocess.run(
-        [sys.executable, "-m", "mle_agent", "--config", str(directory / "empty.toml"),
-         "--data-dir", str(directory / "data"), *argv[1:]],
-        env=subprocess_env(), capture_output=True, text=True, timeout=60, check=False,
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=60, check=False,
+        stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
 
 @contextlib.contextmanager
-def device(directory: Path, argv: list[str]) -> Iterator[tuple[Daemon, Path]]:
-    """The device command run as the agent it becomes (on 127.0.0.1:0); its stdout's path."""
+def device(directory: Path, argv: list[str], token: str = "") -> Iterator[tuple[Daemon, Path]]:
+    """The device command run as the agent it becomes (on 127.0.0.1:0), `token` written to its
+    stdin as printf does (nothing: stdin empty); its stdout's path."""
     assert argv[0] == "mle-agentd"
     directory.mkdir(parents=True, exist_ok=True)
     agentd = Daemon(directory, *argv[1:], "--listen", "127.0.0.1:0", "--http-listen", "off")
     stdout = directory / "agentd.out"
     with agentd.stderr_path.open("wb") as err, stdout.open("wb") as out:
-        agentd.process = subprocess.Popen(agentd.argv, env=subprocess_env(), stdout=out, stderr=err)
+        agentd.process = subprocess.Popen(
+            agentd.argv, env=subprocess_env(), stdout=out, stderr=err, stdin=subprocess.PIPE
+        )
+        assert agentd.process.stdin is not None
+        with agentd.process.stdin as stdin:  # closed: a reader sees the end after the line
+            stdin.write(f"{token}\n".encode() if token else b"")
     try:
         yield agentd, stdout
     finally:
@@ -179,13 +196,14 @@ def test_an_agent_enrolled_with_a_token_answers_over_mutual_tls(
 ) -> None:
     session = start_session(project, "srv-01")
     ca = project.root / ".mle/pki/ca.crt"
+    assert session.pipe == f"printf '%s\\n' {session.token}"  # a builtin: no process shows it
     assert session.argv == [
-        "mle-agentd", "--name", "srv-01", "--enroll", session.token,
+        "mle-agentd", "--name", "srv-01", "--enroll", "-",
         "--operator", f"127.0.0.1:{session.port}", "--ca-fingerprint",
         certificate_fingerprint(ca.read_bytes()),
     ]  # fmt: skip
     data = tmp_path / "srv-01" / "data"
-    with device(tmp_path / "srv-01", session.argv) as (agentd, stdout):
+    with device(tmp_path / "srv-01", session.argv, session.token) as (agentd, stdout):
         state = agentd.wait_ready()
         code, out, err = session.finish()
         cert = data / "agent.crt"
@@ -211,15 +229,22 @@ def test_an_agent_enrolled_with_a_token_answers_over_mutual_tls(
         "srv-01", "127.0.0.1", fingerprint
     )  # fmt: skip
     assert out.count(session.secret) == 1  # the printed command, and nowhere else
+    assert "warning" not in device_err
     assert_secret_hidden(session.secret, [out.split("\n", 1)[1], err, device_out, device_err],
                          project.root, tmp_path / "srv-01")  # fmt: skip
 
-    # Started again with the same command (a service keeps its flags): no operator needed.
-    with device(tmp_path / "srv-01", session.argv) as (agentd, stdout):
+    # Started again with the same command (a service keeps its flags): no operator needed,
+    # with the token piped in again or with nothing on stdin.
+    with device(tmp_path / "srv-01", session.argv, session.token) as (agentd, stdout):
         agentd.wait_ready()
         assert stdout.read_text() == (
             f"srv-01 is already enrolled ({cert}, {fingerprint}); token {session.token_id} "
             "was not used\n"
+        )
+    with device(tmp_path / "srv-01", session.argv) as (agentd, stdout):
+        agentd.wait_ready()
+        assert stdout.read_text() == (
+            f"srv-01 is already enrolled ({cert}, {fingerprint}); no token needed\n"
         )
 
 
@@ -227,12 +252,12 @@ def test_a_used_token_is_refused_and_the_endpoint_keeps_serving(
     project: Project, tmp_path: Path
 ) -> None:
     first = start_session(project, "srv-01")
-    with device(tmp_path / "srv-01", first.argv) as (agentd, _):
+    with device(tmp_path / "srv-01", first.argv, first.token) as (agentd, _):
         agentd.wait_ready()
         assert first.finish()[0] == 0
     second = start_session(project, "srv-02")
     reused = with_flag(first.argv, "--operator", f"127.0.0.1:{second.port}")
-    done = run_device(tmp_path / "thief", reused)
+    done = run_device(tmp_path / "thief", reused, first.pipe)
     used_at = datetime.datetime.fromtimestamp(
         float(tokens(project)[first.token_id]["used_at"]),
         datetime.UTC,
@@ -244,7 +269,7 @@ def test_a_used_token_is_refused_and_the_endpoint_keeps_serving(
         f"{refusal}\n"
     )
     assert not (tmp_path / "thief/data/agent.crt").exists()
-    with device(tmp_path / "srv-02", second.argv) as (agentd, _):
+    with device(tmp_path / "srv-02", second.argv, second.token) as (agentd, _):
         agentd.wait_ready()
         code, _, err = second.finish()
     assert code == 0
@@ -264,7 +289,7 @@ def test_an_expired_token_is_refused(project: Project, tmp_path: Path) -> None:
     )
     other = start_session(project, "srv-04")
     late = with_flag(short.argv, "--operator", f"127.0.0.1:{other.port}")
-    done = run_device(tmp_path / "srv-03", late)
+    done = run_device(tmp_path / "srv-03", late, short.pipe)
     assert (done.returncode, done.stderr) == (
         6,
         f"mle-agentd: error: the operator at 127.0.0.1:{other.port} refused the enrollment: "
@@ -279,14 +304,16 @@ def test_an_expired_token_is_refused(project: Project, tmp_path: Path) -> None:
 
 def test_a_token_for_another_name_is_refused(project: Project, tmp_path: Path) -> None:
     session = start_session(project, "srv-01")
-    done = run_device(tmp_path / "srv-02", with_flag(session.argv, "--name", "srv-02"))
+    done = run_device(
+        tmp_path / "srv-02", with_flag(session.argv, "--name", "srv-02"), session.pipe
+    )
     refusal = f"token {session.token_id} is for srv-01, not srv-02"
     assert (done.returncode, done.stderr) == (
         6,
         f"mle-agentd: error: the operator at 127.0.0.1:{session.port} refused the enrollment: "
         f"{refusal}\n",
     )
-    with device(tmp_path / "srv-01", session.argv) as (agentd, _):
+    with device(tmp_path / "srv-01", session.argv, session.token) as (agentd, _):
         agentd.wait_ready()  # the token survived the attempt
         code, _, err = session.finish()
     assert code == 0
@@ -358,7 +385,7 @@ def test_the_device_checks_the_operator_before_sending_the_token(
 ) -> None:
     session = start_session(project, "srv-01")
     wrong = with_flag(session.argv, "--ca-fingerprint", "sha256:" + "0" * 64)
-    done = run_device(tmp_path / "wrong", wrong)
+    done = run_device(tmp_path / "wrong", wrong, session.pipe)
     presented = session.flag("--ca-fingerprint")
     assert (done.returncode, done.stderr) == (
         6,
@@ -378,8 +405,8 @@ def test_the_device_checks_the_operator_before_sending_the_token(
     ]  # fmt: skip
     for cert_pem, key_bytes, ca_pem, why in fakes:
         with FakeOperator(cert_pem, key_bytes, ca_pem, tmp_path) as fake:
-            done = run_device(tmp_path / "fooled", with_flag(session.argv, "--operator",
-                                                             f"127.0.0.1:{fake.port}"))  # fmt: skip
+            fooled = with_flag(session.argv, "--operator", f"127.0.0.1:{fake.port}")
+            done = run_device(tmp_path / "fooled", fooled, session.pipe)
         assert done.returncode == 6
         assert done.stderr.startswith(
             f"mle-agentd: error: refusing the operator at 127.0.0.1:{fake.port} (the token was "
@@ -387,7 +414,7 @@ def test_the_device_checks_the_operator_before_sending_the_token(
         ), done.stderr
         assert fake.received == b""
 
-    with device(tmp_path / "srv-01", session.argv) as (agentd, _):
+    with device(tmp_path / "srv-01", session.argv, session.token) as (agentd, _):
         agentd.wait_ready()  # none of it spent the token
         code, _, err = session.finish()
     assert code == 0
@@ -421,7 +448,7 @@ def test_garbage_and_huge_requests_are_refused_and_the_endpoint_stays_up(
     _, reply = exchange(session.port, b"x" * (1024 * 1024))  # no newline, far past the limit
     assert reply in (b"", b'{"error": "request larger than 64 KiB"}\n')
 
-    with device(tmp_path / "srv-01", session.argv) as (agentd, _):
+    with device(tmp_path / "srv-01", session.argv, session.token) as (agentd, _):
         agentd.wait_ready()  # still serving, the token still good (bad CSR did not spend it)
         code, _, err = session.finish()
     assert code == 0
@@ -446,8 +473,8 @@ def test_ten_bad_attempts_stop_the_session_and_revoke_its_token(
         "hint: make a new one with mle agent enroll-token",
     ]
     other = start_session(project, "srv-02")
-    done = run_device(tmp_path / "srv-01",
-                      with_flag(session.argv, "--operator", f"127.0.0.1:{other.port}"))  # fmt: skip
+    moved = with_flag(session.argv, "--operator", f"127.0.0.1:{other.port}")
+    done = run_device(tmp_path / "srv-01", moved, session.pipe)
     revoked = float(tokens(project)[session.token_id]["revoked_at"])
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(revoked))
     assert (done.returncode, done.stderr) == (
@@ -457,6 +484,32 @@ def test_ten_bad_attempts_stop_the_session_and_revoke_its_token(
     )
     other.process.send_signal(signal.SIGINT)
     other.finish()
+
+
+def test_garbage_and_unknown_tokens_do_not_end_the_session(
+    project: Project, tmp_path: Path
+) -> None:
+    session = start_session(project, "srv-01")
+    other = start_session(project, "srv-02")  # a real token, of another session
+    attempts = [
+        b"not json\n",
+        json.dumps({"token": "nope", "name": "srv-01", "csr": "x"}).encode() + b"\n",
+        json.dumps({"token": f"zzzzzz.{'a' * 24}", "name": "srv-01", "csr": "x"}).encode() + b"\n",
+        json.dumps({"token": f"{other.token_id}.{'a' * 24}", "name": "srv-02", "csr": "x"}).encode()
+        + b"\n",
+    ]
+    for attempt in range(3 * operator_side.MAX_BAD_ATTEMPTS):
+        _, reply = exchange(session.port, attempts[attempt % len(attempts)])
+        assert "error" in json.loads(reply), attempt
+    assert session.process.poll() is None  # still serving
+    with device(tmp_path / "srv-01", session.argv, session.token) as (agentd, _):
+        agentd.wait_ready()  # and its token still good
+        code, _, err = session.finish()
+    assert code == 0
+    assert "refused an enrollment from 127.0.0.1: unknown token zzzzzz" in err
+    assert f"token {other.token_id} does not match (wrong secret)" in err
+    other.process.send_signal(signal.SIGINT)
+    assert other.finish()[0] == 130  # the guesses at its token reached another endpoint
 
 
 def test_bad_arguments_are_refused_in_one_line(project: Project, tmp_path: Path) -> None:
@@ -484,25 +537,36 @@ def test_bad_arguments_are_refused_in_one_line(project: Project, tmp_path: Path)
     )
     assert "tokens.json" not in {p.name for p in (project.root / ".mle/pki").iterdir()}
     fingerprint = "sha256:" + "ab" * 32
-    for argv, error in [
-        (["mle-agentd", "--enroll", "abcdef.0123456789abcdef"],
+    flags = ["--operator", "127.0.0.1:1", "--ca-fingerprint", fingerprint]
+    long_label = "a" * 70  # over 63: the idna codec refuses it
+    for argv, pipe, error in [
+        (["mle-agentd", "--enroll", "abcdef.0123456789abcdef"], "",
          "--enroll TOKEN, --operator HOST:PORT and --ca-fingerprint go together, as mle agent "
          "enroll-token prints them"),
-        (["mle-agentd", "--enroll", "s3cret-typo", "--operator", "127.0.0.1:1",
-          "--ca-fingerprint", fingerprint],
+        (["mle-agentd", "--enroll", "-", *flags], "printf '%s\\n' s3cret-typo",
          "invalid --enroll token: expected <id>.<secret> from mle agent enroll-token"),
-        (["mle-agentd", "--enroll", "abcdef.0123456789abcdef", "--operator", "127.0.0.1:1",
-          "--ca-fingerprint", "md5:1234"],
+        (["mle-agentd", "--enroll", "-", *flags[:3], "md5:1234"],
+         "printf '%s\\n' abcdef.0123456789abcdef",
          "invalid --ca-fingerprint 'md5:1234': expected sha256:<64 hex digits> as printed by "
          "mle agent enroll-token"),
+        (["mle-agentd", "--enroll", "-", *flags], "",
+         "no enrollment token: give it on stdin with --enroll - (printf '%s\\n' TOKEN | "
+         "mle-agentd ... --enroll -), as mle agent enroll-token prints"),
+        (["mle-agentd", "--enroll", "-", "--operator", f"{long_label}.example:1", *flags[2:]],
+         "printf '%s\\n' abcdef.0123456789abcdef",
+         f"invalid --operator '{long_label}.example:1': expected HOST:PORT with a valid host "
+         "name or IP"),
     ]:  # fmt: skip
-        done = run_device(tmp_path, argv)
-        assert (done.returncode, done.stderr) == (2, f"mle-agentd: error: {error}\n")
+        done = run_device(tmp_path, argv, pipe)
+        assert (done.returncode, done.stderr) == (2, f"mle-agentd: error: {error}\n"), argv
+    # The token on the command line still works, with a warning: `ps` shows it to anyone.
     done = run_device(tmp_path, ["mle-agentd", "--name", "srv-01", "--enroll",
-                                 "abcdef.0123456789abcdef", "--operator", "127.0.0.1:1",
-                                 "--ca-fingerprint", fingerprint])  # fmt: skip
+                                 "abcdef.0123456789abcdef", *flags])  # fmt: skip
     assert (done.returncode, done.stderr) == (
         5,
+        "mle-agentd: warning: a token given as --enroll TOKEN is visible to other local users "
+        "(ps, /proc); give --enroll - and the token on stdin: printf '%s\\n' TOKEN | mle-agentd "
+        "... --enroll -\n"
         "mle-agentd: error: cannot reach the operator at 127.0.0.1:1: connection refused\n",
     )
 

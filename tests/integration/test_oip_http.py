@@ -440,9 +440,11 @@ def _make_pki(d: Path) -> None:
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
              "-subj", "/CN=mle test ca", cwd=d)  # fmt: skip
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+    # the client is the operator: agents take calls from the operator's certificate alone
+    for name, cn, ext in (("server", "mle server", "subjectAltName=IP:127.0.0.1"),
+                          ("client", "mle operator test", "")):  # fmt: skip
         _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=mle {name}", cwd=d)  # fmt: skip
+                 "-subj", f"/CN={cn}", cwd=d)  # fmt: skip
         extfile = d / f"{name}.ext"
         extfile.write_text(f"{ext}\n" if ext else "basicConstraints=CA:FALSE\n")
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",

@@ -137,7 +137,7 @@ def test_an_agent_certificate_carries_its_name_and_addresses(
         ipaddress.ip_address("::1"),
     ]
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert set(usage) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]  # never a client of another agent
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert datetime.timedelta(days=730) <= lifetime <= datetime.timedelta(days=731)
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -177,6 +177,22 @@ def test_a_request_for_another_name_or_with_a_weak_key_is_refused(
     csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(weak, hashes.SHA256())
     with pytest.raises(InvalidInput, match="not ECDSA P-256/P-384 or RSA of 2048"):
         pki.sign_agent_csr(settings, csr.public_bytes(serialization.Encoding.PEM), "pi-01")
+
+
+# secp112r1, made with `openssl ecparam -name secp112r1`: cryptography parses the request but
+# cannot use its key (UnsupportedAlgorithm), which must not become a traceback.
+_SECP112R1_CSR = b"""-----BEGIN CERTIFICATE REQUEST-----
+MH8wSwIBADAQMQ4wDAYDVQQDDAVwaS0wMTAyMBAGByqGSM49AgEGBSuBBAAGAx4A
+BG5RPADNFKXyWBytSpS7t68hKTiBqVqhCrlLHc6gADAKBggqhkjOPQQDAgMkADAh
+Ag8AmOlYXly7EmGxB6UqBpICDm9obS4e2SYHIWSRn2DP
+-----END CERTIFICATE REQUEST-----
+"""
+
+
+def test_a_request_with_a_curve_cryptography_cannot_use_is_refused(settings: Settings) -> None:
+    with pytest.raises(InvalidInput) as info:
+        pki.sign_agent_csr(settings, _SECP112R1_CSR, "pi-01")
+    assert info.value.message == "the request's key is not ECDSA P-256/P-384 or RSA of 2048+ bits"
 
 
 @pytest.mark.parametrize("name", ["pi 01", "-pi", "", "a" * 64, "pi/01", "pi-01\n", "ca*"])

@@ -3,8 +3,9 @@
 Keep-alive, Content-Length bodies (no chunked uploads), `Expect: 100-continue`. Hostile clients
 get a one-line JSON error and the connection closed: a head over HEAD_LIMIT -> 431, a body over
 `max_body` -> 413 before a byte of it is read, a malformed head -> 400, a missing or wrong bearer
-token -> 401; a client that stalls for `timeout` seconds is disconnected. The handler answers
-everything else; it runs on the event loop and must move blocking work to threads.
+token -> 401, under mutual TLS a client certificate that is not the operator's -> 403; a client
+that stalls for `timeout` seconds is disconnected. The handler answers everything else; it runs
+on the event loop and must move blocking work to threads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mle_agent.identity import NOT_OPERATOR_MESSAGE, is_operator
 from mle_proto.errors import UsageError
 
 __all__ = [
@@ -212,6 +214,8 @@ class HttpServer:
         self._idle.discard(task)
         self._busy.add(task)
         method, target, version, headers = _parse_head(head)
+        if not _operator_or_plain(writer):
+            raise HttpError(403, NOT_OPERATOR_MESSAGE)
         if self._expected is not None and not self._authorized(headers):
             raise HttpError(401, self._unauthenticated)
         length = self._body_length(headers)
@@ -240,6 +244,23 @@ class HttpServer:
                 413, f"request body is {shown} bytes; the agent's limit is {self._max_body}"
             )
         return int(digits)
+
+
+def _operator_or_plain(writer: asyncio.StreamWriter) -> bool:
+    """False when the connection is TLS and its client certificate is not the operator's: any
+    agent's certificate is from the project CA too, and must not call another agent."""
+    ssl_object: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return True  # plain HTTP: only where the settings allow it (loopback or --insecure)
+    subject = (ssl_object.getpeercert() or {}).get("subject", ())
+    names = [
+        str(attribute[1])
+        for rdn in subject
+        if isinstance(rdn, tuple)
+        for attribute in rdn
+        if isinstance(attribute, tuple) and attribute[0] == "commonName"
+    ]
+    return is_operator(names)
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:

@@ -24,7 +24,7 @@ from typing import Any
 from mle_cli.targets import pki
 from mle_proto.errors import MleError, Unauthenticated
 
-__all__ = ["TOKEN", "NewToken", "TokenStore", "check_token", "when"]
+__all__ = ["TOKEN", "NewToken", "TokenStore", "WrongSecret", "check_token", "when"]
 
 TOKEN = r"([a-z0-9]{6})\.([a-z0-9]{16,64})"  # noqa: S105 - the shape, not a token
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -33,6 +33,10 @@ _KEEP = 7 * 86400.0  # records of tokens that expired longer ago are dropped
 _LOCK_TIMEOUT = 30.0
 
 Record = dict[str, Any]
+
+
+class WrongSecret(Unauthenticated):
+    """A known token's id with the wrong secret: a guess, the only refusal a session counts."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def check_token(
     if record is None:
         raise Unauthenticated(f"unknown token {token_id}")
     if not hmac.compare_digest(str(record.get("secret_sha256", "")), _digest(secret)):
-        raise Unauthenticated(f"token {token_id} does not match (wrong secret)")
+        raise WrongSecret(f"token {token_id} does not match (wrong secret)")
     if record.get("used_at"):
         raise Unauthenticated(
             f"token {token_id} was already used at {when(record['used_at'])} by "

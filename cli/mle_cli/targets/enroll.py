@@ -37,7 +37,7 @@ from typing import Any
 
 from mle_cli.settings import Settings
 from mle_cli.targets import pki
-from mle_cli.targets._enroll_tokens import TOKEN, TokenStore, check_token, when
+from mle_cli.targets._enroll_tokens import TOKEN, TokenStore, WrongSecret, check_token, when
 from mle_proto.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -61,7 +61,10 @@ __all__ = [
 
 DEFAULT_TTL = 15 * 60.0
 TTL_RANGE = (1.0, 24 * 3600.0)
-MAX_BAD_ATTEMPTS = 10  # refused tokens before a session gives up (and revokes its own token)
+# Wrong secrets for this session's own token before it gives up (and revokes it). Garbage,
+# malformed or unknown tokens are refused and reported but not counted: anyone who can connect
+# could send those, and must not be able to end the session.
+MAX_BAD_ATTEMPTS = 10
 MAX_LINE = 64 * 1024  # a request or reply; a CSR or certificate is about 1 KiB
 SERVER_CN_PREFIX = "mle enrollment "  # a space: never an agent's name, so never its certificate
 _REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
@@ -87,11 +90,13 @@ class Offer:
     expires: float
 
     def device_command(self) -> str:
-        """The one command to run on the device."""
-        return shlex.join(
-            ["mle-agentd", "--name", self.name, "--enroll", self.token, "--operator",
-             self.operator, "--ca-fingerprint", self.ca_fingerprint]
+        """The one command to run on the device: the token goes in on stdin, by printf (a shell
+        builtin), since a process's arguments are readable by every local user."""
+        agentd = shlex.join(
+            ["mle-agentd", "--name", self.name, "--enroll", "-", "--operator", self.operator,
+             "--ca-fingerprint", self.ca_fingerprint]
         )  # fmt: skip
+        return f"printf '%s\\n' {shlex.quote(self.token)} | {agentd}"
 
 
 @dataclass(frozen=True)
@@ -250,8 +255,9 @@ class _Session:
         try:
             request = _parse_request(line)
             cert, enrolled = await asyncio.to_thread(self._redeem, request, peer)
-        except Unauthenticated as exc:
-            return self._refuse(peer, exc.message, counted=True), None
+        except WrongSecret as exc:
+            ours = request["token_id"] == self.token_id
+            return self._refuse(peer, exc.message, counted=ours), None
         except MleError as exc:
             return self._refuse(peer, exc.message), None
         reply = {"cert": cert.decode("ascii"), "ca": self.ca_pem.decode("ascii")}

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_CERT_DAYS",
     "CA_CERT_DAYS",
+    "OPERATOR_CN_PREFIX",
+    "OPERATOR_OU",
     "SignedAgent",
     "certificate_fingerprint",
     "check_agent_name",
@@ -51,8 +53,13 @@ OPERATOR_CERT_DAYS = 730
 _BACKDATE = datetime.timedelta(hours=1)
 _RENEW_BEFORE = datetime.timedelta(days=30)  # the operator certificate is replaced this early
 _LOCK_TIMEOUT = 30.0
+_WEAK_KEY = "the request's key is not ECDSA P-256/P-384 or RSA of 2048+ bits"
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _CN_MAX = 64  # ub-common-name in RFC 5280
+# What marks the operator's client certificate; agents accept calls from it alone
+# (mle_agent.identity.OPERATOR_CN_PREFIX, a test checks they agree). A space: never an agent name.
+OPERATOR_CN_PREFIX = "mle operator "
+OPERATOR_OU = "mle-operator"
 
 
 def pki_dir(settings: Settings) -> Path:
@@ -100,8 +107,9 @@ def sign_agent_csr(
     ca_cert, ca_key = _load_ca(ensure_ca(settings))
     builder = _leaf(ca_cert, csr.public_key(), name, AGENT_CERT_DAYS)
     builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    # Server use only: an agent's certificate must never open a call to another agent.
+    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    builder = builder.add_extension(usage, critical=False)
     cert = builder.sign(ca_key, _sha256())
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -222,8 +230,8 @@ def _issue_operator(settings: Settings, directory: Path) -> None:
 
     ca_cert, ca_key = _load_ca(directory)
     key = _new_key()
-    label = f"mle operator {settings.project_dir.name}"[:_CN_MAX]
-    builder = _leaf(ca_cert, key.public_key(), label, OPERATOR_CERT_DAYS)
+    label = f"{OPERATOR_CN_PREFIX}{settings.project_dir.name}"[:_CN_MAX]
+    builder = _leaf(ca_cert, key.public_key(), label, OPERATOR_CERT_DAYS, unit=OPERATOR_OU)
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
     cert = builder.add_extension(usage, critical=False).sign(ca_key, _sha256())
     write_file(directory / "operator.key", _key_pem(key), private=True)
@@ -248,17 +256,21 @@ def _operator_usable(directory: Path, ca_pem: bytes) -> bool:
 
 
 def _leaf(
-    ca_cert: x509.Certificate, public_key: Any, name: str, days: int
+    ca_cert: x509.Certificate, public_key: Any, name: str, days: int, unit: str = ""
 ) -> x509.CertificateBuilder:
-    """A certificate builder for an end entity named `name`, issued by the CA."""
+    """A certificate builder for an end entity named `name` (in organizational `unit`, if
+    given), issued by the CA."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
     now = _now()
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    if unit:
+        subject.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -313,22 +325,26 @@ def _alt_names(name: str, addresses: Sequence[str]) -> list[x509.GeneralName]:
 def _load_csr(csr_pem: bytes, name: str) -> x509.CertificateSigningRequest:
     """The CSR, its signature checked, its key strong enough, asking for `name` (if anything)."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import NameOID
 
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
-        valid = csr.is_signature_valid
     except ValueError:
         raise InvalidInput("not a PEM certificate signing request") from None
+    try:  # a curve or algorithm this OpenSSL does not know (e.g. secp112r1) is refused too
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidInput(_WEAK_KEY) from None
     if not valid:
         raise InvalidInput("the certificate signing request's signature does not verify")
-    key = csr.public_key()
     strong = (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size >= 256) or (
         isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048
     )
     if not strong:
-        raise InvalidInput("the request's key is not ECDSA P-256/P-384 or RSA of 2048+ bits")
+        raise InvalidInput(_WEAK_KEY)
     asked = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if asked and asked != [name]:
         raise InvalidInput(f"the request is for agent {str(asked[0])[:80]!r}, not {name!r}")
