@@ -141,8 +141,9 @@ def _listed(project: Project, name: str) -> dict[str, Any]:
 
 
 def _operator_wheel(project: Project) -> Path:
-    [wheel] = sorted((project.root / ".mle" / "wheels").glob("build-*/mle_toolchain-*.whl"))
-    return wheel
+    # The newest: a source tree edited between two installs is built again.
+    built = (project.root / ".mle" / "wheels").glob("build-*/mle_toolchain-*.whl")
+    return max(built, key=lambda wheel: wheel.stat().st_mtime)
 
 
 def bumped_wheel(source: Path, version: str, out: Path, *, broken: bool = False) -> Path:
@@ -277,6 +278,34 @@ def test_upgrade_refuses_a_device_without_an_agent(
         done.stderr
     )
     assert not (devices / "pi-01" / "releases").exists()
+
+
+def test_a_directory_holding_the_users_files_is_neither_installed_into_nor_removed(
+    project: Project, sshd: SshServer, devices: Path
+) -> None:
+    """agent.dir: /home/pi. Uninstall would remove its data/, releases/...: both refuse."""
+    home = devices / "pi"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "thesis.txt").write_text("four years of work\n")
+    (home / "releases").mkdir()
+    _target(project, sshd, "pi-01", home)
+    _trust(project, sshd)
+    removed = project.mle("agent", "uninstall", "--target", "pi-01", timeout=300)
+    assert removed.returncode == 8, removed.stderr
+    [line] = [ln for ln in removed.stderr.splitlines() if ln.startswith("error:")]
+    assert line == (
+        f"error: pi-01: {home} holds no install.json, not an install of pi-01; nothing removed"
+    )
+    installed = _install(project, "--target", "pi-01")
+    assert installed.returncode == 8, installed.stderr
+    [line] = [ln for ln in installed.stderr.splitlines() if ln.startswith("error:")]
+    assert line == (
+        f"error: pi-01: agent.dir {home} holds other files, no install of pi-01 (install.json); "
+        "choose an empty or new directory"
+    )
+    assert "Traceback" not in removed.stderr + installed.stderr
+    assert (home / "data" / "thesis.txt").read_text() == "four years of work\n"
+    assert sorted(p.name for p in home.iterdir()) == ["data", "releases"]
 
 
 def test_a_wrong_user_key_is_one_clear_line(

@@ -25,7 +25,7 @@ from mle_cli.settings import Settings
 from mle_cli.targets._known_hosts import KnownKey, known_keys, preferred_algorithms
 from mle_cli.targets.facts import gather_facts
 from mle_cli.targets.ssh import (
-    WINDOW_SIZE,
+    MAX_OUTPUT,
     HostKeyChanged,
     HostKeyUnknown,
     SshAuthFailed,
@@ -35,7 +35,7 @@ from mle_cli.targets.ssh import (
     open_session,
 )
 from mle_proto import __version__
-from mle_proto.errors import DeadlineExceeded, NotFound, ResourceExhausted
+from mle_proto.errors import DeadlineExceeded, FailedPrecondition, NotFound, ResourceExhausted
 from tests.agent_helpers import leak_check
 from tests.ssh_server import SshServer, generate_key, ssh_server, ssh_server_fixture
 
@@ -346,6 +346,34 @@ def test_a_port_that_speaks_no_ssh_is_unreachable(home: Path, settings: Settings
             open_session(target, settings, timeout=2)
 
 
+def test_a_known_hosts_path_that_is_a_directory_is_one_line(
+    sshd: SshServer, home: Path, settings: Settings
+) -> None:
+    (home / ".ssh" / "known_hosts").mkdir()
+    with pytest.raises(FailedPrecondition) as refused:
+        open_session(_target(sshd), settings, trust_new_host_key=True)
+    assert str(refused.value) == (
+        f"cannot read the known_hosts file {home / '.ssh' / 'known_hosts'}: Is a directory"
+    )
+    assert not (settings.project_dir / ".mle" / "known_hosts").exists()  # nothing trusted
+
+
+def test_a_stalled_sftp_server_is_one_line_not_a_hang(
+    tmp_path: Path, home: Path, settings: Settings
+) -> None:
+    """The device's sftp subsystem starts and never answers: the SFTP channel's timeout ends it."""
+    options = {"Subsystem": "sftp /bin/sleep 3600"}
+    with ssh_server(tmp_path / "stalled", options=options) as server:
+        _known(server, home)
+        with open_session(_target(server), settings, io_timeout=1.0) as session:
+            with pytest.raises(DeadlineExceeded) as stalled:
+                session.put_bytes(b"config", str(tmp_path / "agent.toml"))
+            assert str(stalled.value) == (
+                f"pi-01 ({server.host}:{server.port}): the SSH server stopped answering"
+            )
+            assert session.run("echo still usable").stdout == "still usable\n"
+
+
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -363,8 +391,9 @@ def test_exit_status_stdin_and_stderr(session: SshSession) -> None:
 
 def test_large_outputs_on_both_streams_do_not_hang(session: SshSession) -> None:
     """More than the channel's window on stderr first, then 5 MB on stdout: reading only stdout
-    would stall once the window filled with unread stderr."""
-    err_size = WINDOW_SIZE + 2**20
+    would stall once the window filled with unread stderr (a command's channel has paramiko's
+    2 MiB window; the large ssh.WINDOW_SIZE is SFTP's)."""
+    err_size = 2 * 2**20 + 2**20
     command = (
         f"head -c {err_size} /dev/zero | tr '\\0' e >&2; head -c 5000000 /dev/zero | tr '\\0' o"
     )
@@ -372,6 +401,17 @@ def test_large_outputs_on_both_streams_do_not_hang(session: SshSession) -> None:
     assert done.exit_code == 0
     assert (len(done.stdout), set(done.stdout)) == (5_000_000, {"o"})
     assert (len(done.stderr), set(done.stderr)) == (err_size, {"e"})
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_output_past_the_cap_is_one_line(session: SshSession, stream: str) -> None:
+    """A hostile device printing without end does not fill the operator's memory."""
+    redirect = " >&2" if stream == "stderr" else ""
+    command = f"head -c {MAX_OUTPUT + 1} /dev/zero{redirect}"
+    with pytest.raises(ResourceExhausted) as flooded:
+        session.run(command, timeout=60)
+    assert str(flooded.value) == f"pi-01: `{command}` printed more than 16 MiB on {stream}"
+    assert session.run("echo still usable").stdout == "still usable\n"
 
 
 def test_a_command_past_its_timeout_is_one_line(session: SshSession) -> None:

@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -22,7 +23,7 @@ from mle_agent.identity import agent_csr
 from mle_agent.settings import build_settings
 from mle_cli.settings import Settings
 from mle_cli.targets import _service
-from mle_cli.targets._device import certificate_usable, install_dir
+from mle_cli.targets._device import Login, certificate_usable, find_installed, install_dir, last
 from mle_cli.targets._install_plan import (
     MIN_FREE_BYTES,
     DeviceState,
@@ -30,18 +31,21 @@ from mle_cli.targets._install_plan import (
     LocalWheel,
     agent_config,
     check_device,
+    check_directory,
     parse_state,
     plan_install,
     plan_rollback,
     plan_uninstall,
+    rolls_back,
     state_command,
 )
 from mle_cli.targets._service import SUPERVISE, SYSTEMD_SYSTEM, SYSTEMD_USER, Layout
-from mle_cli.targets._wheels import pip_download_argv
+from mle_cli.targets._wheels import pip_download_argv, wheel_version
 from mle_cli.targets.facts import DeviceFacts, pip_platforms
 from mle_cli.targets.install import HostResult, failure, select_hosts
 from mle_cli.targets.inventory import load_inventory
 from mle_cli.targets.pki import ensure_ca, sign_agent_csr
+from mle_cli.targets.ssh import CommandResult
 from mle_proto.errors import FailedPrecondition, InvalidInput, NotFound, PermissionDenied
 
 ROOT = "/home/pi/.mle-agent"
@@ -55,7 +59,7 @@ def _spec(**changes: object) -> InstallSpec:
         host="192.168.1.50",
         port=7443,
         labels={"role": "edge", "site/room": "lab 2"},
-        layout=Layout(ROOT),
+        layout=Layout(ROOT, "pi-01"),
         home="/home/pi",
         python="/usr/bin/python3",
         version="0.2.0",
@@ -80,6 +84,8 @@ def _installed(spec: InstallSpec, **changes: object) -> DeviceState:
         wheels={WHEEL.path.name: WHEEL.size, GRPC.path.name: GRPC.size},
         cert_ok=True,
         answering=True,
+        owner=spec.name,
+        entries=8,
     )
     return replace(state, **changes)  # type: ignore[arg-type]
 
@@ -98,9 +104,12 @@ def _phases(ops: object) -> list[str]:
 def test_a_fresh_device_gets_every_phase_in_order() -> None:
     plan = plan_install(_spec(), DeviceState())
     assert _phases(plan.operations) == [
-        "upload", "venv", "config", "identity", "service", "switch", "start",
+        "prepare", "upload", "venv", "config", "identity", "service", "switch", "start",
     ]  # fmt: skip
     assert plan.previous == ""
+    claim = plan.operations[1]  # install.json first: a failed install can still be uninstalled
+    assert (claim.kind, claim.remote) == ("write", f"{ROOT}/install.json")
+    assert json.loads(claim.content)["name"] == "pi-01"
     uploads = [op for op in plan.operations if op.kind == "upload"]
     assert [(op.local, op.remote) for op in uploads] == [
         (WHEEL.path, f"{ROOT}/wheels/{WHEEL.path.name}"),
@@ -191,7 +200,7 @@ def test_moving_from_a_supervised_process_to_systemd_removes_the_supervisor() ->
     before = _installed(_spec(), service=SUPERVISE)
     ops = [op for op in plan_install(spec, before).operations if op.phase == "service"]
     assert f"rm -f {ROOT}/supervise.sh" in ops[0].command
-    assert ops[-1].remote == "/etc/systemd/system/mle-agent.service"
+    assert ops[-1].remote == "/etc/systemd/system/mle-agent-pi-01.service"
     assert f"ExecStart={ROOT}/current/venv/bin/mle-agentd --config {ROOT}/agent.toml" in (
         ops[-1].content.decode()
     )
@@ -205,6 +214,108 @@ def test_uninstall_removes_only_what_install_made() -> None:
     assert "rm -rf /opt/mle " not in remove and remove.endswith(
         "(rmdir /opt/mle 2>/dev/null; true)"
     )
+
+
+@pytest.mark.parametrize(
+    ("state", "held"),
+    [
+        (DeviceState(entries=3), "other files"),  # agent.dir: /home/pi
+        (DeviceState(entries=9, owner="pi-02"), "the agent of target 'pi-02'"),
+    ],
+)
+def test_a_directory_that_is_not_this_targets_install_is_refused(
+    state: DeviceState, held: str
+) -> None:
+    with pytest.raises(FailedPrecondition) as refused:
+        plan_install(_spec(), state)
+    assert str(refused.value) == (
+        f"pi-01: agent.dir {ROOT} holds {held}, no install of pi-01 (install.json); choose an "
+        "empty or new directory"
+    )
+
+
+def test_an_empty_or_new_directory_or_this_targets_own_is_accepted() -> None:
+    spec = _spec()
+    check_directory(spec, DeviceState())
+    check_directory(spec, DeviceState(entries=2, owner="pi-01"))  # a failed first install
+    assert "prepare" not in _phases(plan_install(spec, _installed(spec, cert_ok=False)).operations)
+
+
+def test_a_failure_after_the_switch_and_before_the_answer_is_rolled_back() -> None:
+    old = _installed(_spec(version="0.1.0"), releases=("0.1.0",))
+    ops = plan_install(_spec(), old).operations
+    where = {(op.phase, op.kind): i for i, op in enumerate(ops)}
+    assert not rolls_back(ops, where["venv", "run"])  # current still the old release
+    assert not rolls_back(ops, where["switch", "run"])  # the switch itself failed: nothing moved
+    assert rolls_back(ops, where["start", "run"])  # the restart failed: no agent otherwise
+    assert rolls_back(ops, where["start", "wait"])
+    assert not rolls_back(ops, where["start", "write"])  # the new agent answered
+    assert not rolls_back(ops, where["cleanup", "run"])
+
+
+def test_rollback_and_unit_paths_are_quoted_for_a_home_with_a_space(tmp_path: Path) -> None:
+    layout = Layout("/home/pi pi/.mle-agent", "pi-01")
+    ops = plan_rollback(_spec(layout=layout), "0.1.0")
+    assert ops[0].command == "ln -sfn releases/0.1.0 '/home/pi pi/.mle-agent/current'"
+    for op in ops:
+        if op.kind == "run":
+            assert subprocess.run(["sh", "-n", "-c", op.command]).returncode == 0
+    _, unit, _ = _service.service_file(SYSTEMD_USER, layout, "pi-01", "/home/pi pi")
+    assert (
+        'ExecStart="/home/pi pi/.mle-agent/current/venv/bin/mle-agentd" '
+        '--config "/home/pi pi/.mle-agent/agent.toml"\n'
+    ) in unit
+    odd = _service.exec_start(Layout('/h/100% "$x"\\', "pi-01"))
+    assert odd == (
+        'ExecStart="/h/100%% \\"$$x\\"\\\\/current/venv/bin/mle-agentd" '
+        '--config "/h/100%% \\"$$x\\"\\\\/agent.toml"'
+    )
+
+
+def test_two_targets_on_one_host_have_a_unit_each() -> None:
+    a, b = Layout("/srv/a", "pi-01"), Layout("/srv/b", "pi-02")
+    for kind in (SYSTEMD_SYSTEM, SYSTEMD_USER):
+        paths = {_service.unit_path(kind, layout, "/home/pi") for layout in (a, b)}
+        assert len(paths) == 2
+        assert "mle-agent-pi-02.service" in _service.restart_command(kind, b)
+        assert "mle-agent-pi-01.service" not in _service.remove_command(kind, b, "/home/pi")
+    assert _service.describe(SYSTEMD_USER, a) == (
+        "systemd unit mle-agent-pi-01.service (systemctl --user)"
+    )
+
+
+class _Shell:
+    """The session find_installed needs, running its probe under this machine's /bin/sh."""
+
+    def run(self, command: str, *, timeout: float = 30.0, stdin: bytes = b"") -> CommandResult:
+        done = subprocess.run(
+            ["sh", "-c", command], input=stdin, capture_output=True, timeout=timeout
+        )
+        return CommandResult(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def test_the_unit_found_is_the_one_naming_exactly_this_install(tmp_path: Path) -> None:
+    """A unit whose paths contain this install's as a substring belongs to another one."""
+    home = tmp_path / "home"
+    user = Login(str(home), 1000)
+    mine = Layout(str(home / "a"), "pi-01")
+    theirs = Layout(str(tmp_path / "x" / str(home / "a").lstrip("/")), "pi-01")
+    path, text, _ = _service.service_file(SYSTEMD_USER, theirs, "pi-01", str(home))
+    Path(path).parent.mkdir(parents=True)
+    Path(path).write_text(text)
+    Path(mine.root).mkdir(parents=True)
+    Path(mine.record).write_text('{"name": "pi-01", "version": "0.1.0"}')
+    found = find_installed(_Shell(), mine, user)  # type: ignore[arg-type]
+    assert (found.present, found.kinds, found.owner, found.version) == (
+        True, (), "pi-01", "0.1.0"
+    )  # fmt: skip
+    Path(path).write_text(_service.service_file(SYSTEMD_USER, mine, "pi-01", str(home))[1])
+    assert find_installed(_Shell(), mine, user).kinds == (SYSTEMD_USER,)  # type: ignore[arg-type]
+
+
+def test_device_text_in_an_error_line_has_its_control_characters_escaped() -> None:
+    said = CommandResult(1, "", "ok\n\x1b]0;pwned\x07\x1b[2Jerror: disk full\r\n")
+    assert last(said) == "\\x1b]0;pwned\\x07\\x1b[2Jerror: disk full"
 
 
 # -- config, facts, offline wheels -------------------------------------------------------------
@@ -294,6 +405,23 @@ def test_offline_downloads_for_the_devices_platform_not_this_one() -> None:
         pip_download_argv("python", Path("w"), Path("d"), "3.11", [])
 
 
+@pytest.mark.parametrize("version", ["..", ".", "", "latest", "v0.2.0", "0.2.0$(id)"])
+def test_a_wheel_whose_version_is_not_pep_440_is_refused(tmp_path: Path, version: str) -> None:
+    """The version names releases/<version> on the device, which the venv step rm -rf's."""
+    wheel = tmp_path / f"mle_toolchain-{version}-py3-none-any.whl"
+    wheel.write_bytes(b"PK")
+    with pytest.raises(InvalidInput) as refused:
+        wheel_version(wheel)
+    assert str(refused.value) == f"{wheel}: {version!r} is not a PEP 440 version (as in 0.4.1)"
+
+
+def test_a_wheel_with_a_pep_440_version_gives_it(tmp_path: Path) -> None:
+    for version in ("0.2.0", "0.2.0rc1", "1.0.dev3+g1234abc"):
+        wheel = tmp_path / f"mle_toolchain-{version}-py3-none-any.whl"
+        wheel.write_bytes(b"PK")
+        assert wheel_version(wheel) == version
+
+
 # -- the scripts, run for real ------------------------------------------------------------------
 
 
@@ -312,14 +440,15 @@ def test_every_generated_script_is_valid_sh() -> None:
 
 
 def test_units_and_logs_per_service_kind() -> None:
-    layout = Layout(ROOT)
+    layout = Layout(ROOT, "pi-01")
     system = _service.service_file(SYSTEMD_SYSTEM, layout, "pi-01", "/home/pi")
     user = _service.service_file(SYSTEMD_USER, layout, "pi-01", "/home/pi")
-    assert system[0] == "/etc/systemd/system/mle-agent.service" and "multi-user.target" in system[1]
-    assert user[0] == "/home/pi/.config/systemd/user/mle-agent.service"
+    assert system[0] == "/etc/systemd/system/mle-agent-pi-01.service"
+    assert "multi-user.target" in system[1]
+    assert user[0] == "/home/pi/.config/systemd/user/mle-agent-pi-01.service"
     assert "WantedBy=default.target" in user[1]
     assert _service.logs_command(SYSTEMD_USER, layout, 50) == (
-        "journalctl --user -u mle-agent.service -n 50 --no-pager -o short-iso"
+        "journalctl --user -u mle-agent-pi-01.service -n 50 --no-pager -o short-iso"
     )
     assert _service.logs_command(SUPERVISE, layout, 7) == f"tail -n 7 {ROOT}/agent.log"
 
@@ -434,6 +563,7 @@ def test_the_state_reader_reports_what_is_installed(tmp_path: Path) -> None:
     assert state["agentd"] == {"0.1.0": True, "0.2.0": False}
     assert state["wheels"] == {"a.whl": 10} and state["config"] == "name = 'pi-01'\n"
     assert state["unit"] is None and state["cert"] is None
+    assert state["entries"] == 5  # releases, current, wheels, agent.toml, install.json
     assert json.loads(state["record"]) == {"service": "supervise"}
     with pytest.raises(InvalidInput):
         parse_state("Traceback (most recent call last):")
@@ -502,3 +632,28 @@ def test_one_failure_is_the_command_s_error_and_many_are_counted() -> None:
     assert many.exit_code == 1
     same = failure([*results, HostResult("pi-04", "failed", "y", PermissionDenied("y"))])
     assert same is not None and same.exit_code == PermissionDenied.exit_code
+
+
+def test_an_unexpected_error_on_one_host_fails_that_host_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met on one device is that device's one-line failure (its traceback in the debug
+    log); the other devices go on, and every one gets a result for the summary."""
+    from mle_cli.targets.install import InstallOptions, _on_hosts
+    from mle_cli.targets.inventory import InventoryEntry
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hosts = [InventoryEntry("pi-01", "10.0.0.1"), InventoryEntry("pi-02", "10.0.0.2")]
+
+    def action(job: Any) -> tuple[str, str]:
+        if job.name == "pi-01":
+            raise KeyError("a bug")
+        return "installed", "mle 0.2.0 \x1b[2J"
+
+    settings = Settings(project_dir=tmp_path)
+    results = _on_hosts(settings, hosts, InstallOptions(parallel=2), lambda n, t: None, action)
+    log = tmp_path / "cache" / "mle" / "debug.log"
+    assert [(r.target, r.outcome) for r in results] == [("pi-01", "failed"), ("pi-02", "installed")]
+    assert results[0].detail == f"pi-01: internal error: KeyError; details in {log}"
+    assert results[1].detail == "mle 0.2.0 \\x1b[2J"  # the device's text, escaped
+    assert "KeyError: 'a bug'" in log.read_text()

@@ -47,6 +47,7 @@ class Installed:
     present: bool
     kinds: tuple[str, ...] = ()  # services found (the recorded one first)
     version: str = ""
+    owner: str = ""  # the target install.json names; "" = no install.json (not ours to remove)
 
 
 def login(session: SshSession, name: str) -> Login:
@@ -69,16 +70,17 @@ def install_dir(configured: str, home: str) -> str:
 
 
 def find_installed(session: SshSession, layout: Layout, user: Login) -> Installed:
-    """What is installed at the layout: the directory, its recorded service and any service
-    whose definition names this directory, and its version."""
+    """What is installed at the layout: the directory, its recorded service and the target's
+    unit when its ExecStart is exactly this install's (a whole line, not a substring: another
+    directory's path may contain this one's), its version and the target it records."""
     root = shlex.quote(layout.root)
-    config = shlex.quote(layout.config)
+    exec_line = shlex.quote(_service.exec_start(layout))
     kind = SYSTEMD_SYSTEM if user.uid == 0 else SYSTEMD_USER
-    unit = shlex.quote(_service.unit_path(kind, user.home))
+    unit = shlex.quote(_service.unit_path(kind, layout, user.home))
     probe = (
         f"test -d {root} && echo present; "
         f"test -f {shlex.quote(layout.supervisor)} && echo {SUPERVISE}; "
-        f"grep -qF -- {config} {unit} 2>/dev/null && echo {kind}; "
+        f"grep -qFx -- {exec_line} {unit} 2>/dev/null && echo {kind}; "
         f"cat {shlex.quote(layout.record)} 2>/dev/null; true"
     )
     out = session.run(probe).stdout
@@ -87,7 +89,8 @@ def find_installed(session: SshSession, layout: Layout, user: Login) -> Installe
     record = _record("\n".join(w for w in words if w not in found and w != "present"))
     recorded = str(record.get("service", ""))
     kinds = sorted(set(found), key=lambda k: (k != recorded, k))
-    return Installed("present" in words, tuple(kinds), str(record.get("version", "")))
+    version, owner = str(record.get("version", "")), str(record.get("name", ""))
+    return Installed("present" in words, tuple(kinds), version, owner)
 
 
 def certificate_usable(cert_pem: bytes, ca_pem: bytes, name: str, host: str) -> bool:
@@ -113,11 +116,14 @@ def certificate_usable(cert_pem: bytes, ca_pem: bytes, name: str, host: str) -> 
 
 
 def last(done: CommandResult) -> str:
-    """The last line a failed command said (stderr first), for a one-line error."""
+    """The last line a failed command said (stderr first), for a one-line error; control
+    characters escaped (the device's text goes to the operator's terminal)."""
+    from mle_cli.render import printable
+
     for text in (done.stderr, done.stdout):
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            return lines[-1][:300]
+            return printable(lines[-1][:300])
     return f"exit status {done.exit_code}"
 
 

@@ -37,12 +37,14 @@ __all__ = [
     "Plan",
     "agent_config",
     "check_device",
+    "check_directory",
     "outcome",
     "parse_state",
     "plan_install",
     "plan_rollback",
     "plan_uninstall",
     "record_text",
+    "rolls_back",
     "state_command",
 ]
 
@@ -114,6 +116,8 @@ class DeviceState:
     wheels: Mapping[str, int] = field(default_factory=dict)  # uploaded: name -> size
     cert_ok: bool = False  # from this project's CA, for this name and address, not expiring
     answering: bool = False  # the agent answered GetInfo over mutual TLS as `version`
+    owner: str = ""  # the target install.json names; "" = none there
+    entries: int = 0  # files and directories in the install directory (0 = empty or absent)
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,29 @@ def check_device(name: str, python_problem: str, disk_free: int, disk_known: boo
         )
 
 
+def check_directory(spec: InstallSpec, state: DeviceState) -> None:
+    """Refuse an install directory that holds anything but this target's install: uninstall
+    removes data/, releases/, ... there, which in a directory like /home/pi are the user's."""
+    if state.owner == spec.name or not state.entries:
+        return
+    root = spec.layout.root
+    held = f"the agent of target {state.owner!r}" if state.owner else "other files"
+    raise FailedPrecondition(
+        f"{spec.name}: agent.dir {root} holds {held}, no install of {spec.name} (install.json); "
+        "choose an empty or new directory"
+    )
+
+
 def plan_install(spec: InstallSpec, state: DeviceState) -> Plan:
-    """The operations from `state` to `spec`; empty when the agent is installed as wanted."""
+    """The operations from `state` to `spec`; empty when the agent is installed as wanted.
+    FailedPrecondition for a directory that is not this target's (see `check_directory`)."""
+    check_directory(spec, state)
     same_release = state.version == spec.version and state.venv_ok
     ops: list[Operation] = []
+    if state.owner != spec.name:  # claimed first: a failed first install can be uninstalled
+        root = shlex.quote(spec.layout.root)
+        ops.append(Operation("prepare", "run", f"mkdir -p {root}"))
+        ops.append(_write("prepare", spec.layout.record, record_text(spec), 0o644, ""))
     if not same_release:
         ops += _upload(spec, state)
         ops += _venv(spec)
@@ -164,12 +187,23 @@ def plan_install(spec: InstallSpec, state: DeviceState) -> Plan:
     return Plan(tuple(ops), previous if previous in state.releases else "")
 
 
+def rolls_back(operations: Sequence[Operation], failed: int) -> bool:
+    """Whether a failure of operations[failed] is rolled back: it came after `current` was
+    switched to the new release and before the new agent answered (any phase: a restart that
+    fails leaves no agent as surely as one that never answers)."""
+    switched = any(op.phase == "switch" for op in operations[:failed])
+    answered = any(op.kind == "wait" for op in operations[:failed])
+    return switched and not answered
+
+
 def plan_rollback(spec: InstallSpec, previous: str) -> list[Operation]:
     """Back to `previous`: switch `current`, restart, wait; remove the release that failed."""
     layout = spec.layout
     target = f"releases/{previous}"
     return [
-        Operation("rollback", "run", f"ln -sfn {shlex.quote(target)} {layout.current}"),
+        Operation(
+            "rollback", "run", f"ln -sfn {shlex.quote(target)} {shlex.quote(layout.current)}"
+        ),
         Operation("rollback", "run", restart_command(spec.service, layout), timeout=90.0),
         Operation("rollback", "wait", version=previous, timeout=spec.start_timeout),
         Operation("rollback", "run", f"rm -rf {shlex.quote(layout.release(spec.version))}"),
@@ -311,7 +345,7 @@ def _service(spec: InstallSpec, state: DeviceState) -> list[Operation]:
         ops.append(Operation("service", "run", remove, timeout=90.0))
     parent = path.rsplit("/", 1)[0]
     ops.append(Operation("service", "run", f"mkdir -p {shlex.quote(parent)}"))
-    ops.append(_write("service", path, text, mode, describe(spec.service)))
+    ops.append(_write("service", path, text, mode, describe(spec.service, spec.layout)))
     return ops
 
 
@@ -372,6 +406,6 @@ print(json.dumps({
     "current": os.path.basename(current.rstrip("/")), "releases": releases, "agentd": agentd,
     "wheels": wheels, "record": read("install.json"), "config": read("agent.toml"),
     "supervisor": read("supervise.sh"), "unit": read(unit), "cert": read("tls/agent.crt"),
-    "ca": read("tls/ca.crt"),
+    "ca": read("tls/ca.crt"), "entries": len(names("")),
 }))
 """

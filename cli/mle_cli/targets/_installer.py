@@ -33,6 +33,7 @@ from mle_cli.targets._install_plan import (
     parse_state,
     plan_install,
     plan_rollback,
+    rolls_back,
     state_command,
 )
 from mle_cli.targets._service import SUPERVISE, SYSTEMD_SYSTEM, SYSTEMD_USER, Layout
@@ -90,7 +91,8 @@ class HostJob:
         )
         with open_session(target, self.settings, trust_new_host_key=self._trust) as session:
             user = login(session, self.name)
-            layout = Layout(install_dir(self.entry.agent_dir or DEFAULT_DIR, user.home))
+            root = install_dir(self.entry.agent_dir or DEFAULT_DIR, user.home)
+            layout = Layout(root, self.name)
             host = f"[{target.host}]" if ":" in target.host else target.host
             self.say("connect", f"{target.login}@{host}:{target.port}, host key verified")
             yield session, user, layout
@@ -160,7 +162,7 @@ class HostJob:
 
     def _state(self, session: SshSession, spec: InstallSpec, runner: AsyncRunner) -> DeviceState:
         """What is on the device, with its certificate checked and its agent asked."""
-        unit = _service.unit_path(spec.service, spec.home)
+        unit = _service.unit_path(spec.service, spec.layout, spec.home)
         command, script = state_command(spec.python, spec.layout, unit)
         done = session.run(command, stdin=script)
         if done.exit_code != 0:
@@ -192,6 +194,8 @@ class HostJob:
             service_file=raw.get("supervisor" if spec.service == SUPERVISE else "unit"),
             wheels={str(k): int(v) for k, v in (raw.get("wheels") or {}).items()},
             cert_ok=self._certificate_ok(raw.get("cert"), raw.get("ca"), spec),
+            owner=str(record.get("name", "")),
+            entries=int(raw.get("entries") or 0),
         )
 
     def _certificate_ok(self, cert: object, ca: object, spec: InstallSpec) -> bool:
@@ -216,11 +220,11 @@ class HostJob:
         previous: str,
     ) -> None:
         upload = _Upload()
-        for op in operations:
+        for index, op in enumerate(operations):
             try:
                 self._do(session, spec, op, runner, upload)
             except MleError as exc:
-                if op.kind != "wait" or not previous:
+                if not previous or not rolls_back(operations, index):
                     raise
                 self._roll_back(session, spec, runner, previous, exc)
             if op.phase == "upload" and op is _last_of(operations, "upload"):

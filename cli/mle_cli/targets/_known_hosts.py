@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mle_proto.errors import FailedPrecondition
+
 __all__ = [
     "KnownKey",
     "Verdict",
@@ -80,6 +82,9 @@ def known_keys(files: Iterable[Path], host: str, port: int) -> list[KnownKey]:
             text = path.read_text(errors="replace")
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:  # a directory, no permission: refuse rather than guess the key
+            reason = exc.strerror or type(exc).__name__
+            raise FailedPrecondition(f"cannot read the known_hosts file {path}: {reason}") from None
         for number, line in enumerate(text.splitlines(), start=1):
             key = _parse_line(line, name, path, number)
             if key is not None:

@@ -8,6 +8,7 @@ with setsid, restarting mle-agentd when it dies, its pid in `agent.pid`, output 
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ __all__ = [
     "Layout",
     "crash_command",
     "describe",
+    "exec_start",
     "logs_command",
     "remove_command",
     "restart_command",
@@ -27,7 +29,7 @@ __all__ = [
     "stop_command",
 ]
 
-UNIT = "mle-agent.service"
+UNIT = "mle-agent.service"  # of a layout without a target name; else mle-agent-<name>.service
 SYSTEMD_SYSTEM, SYSTEMD_USER, SUPERVISE = "systemd-system", "systemd-user", "supervise"
 KINDS = (SYSTEMD_SYSTEM, SYSTEMD_USER, SUPERVISE)
 STOP_WAIT_TENTHS = 600  # a draining agent gets 60 s (its drain timeout is 30 s), then SIGKILL
@@ -35,9 +37,16 @@ STOP_WAIT_TENTHS = 600  # a draining agent gets 60 s (its drain timeout is 30 s)
 
 @dataclass(frozen=True)
 class Layout:
-    """Where an agent's files live under its install directory (an absolute path)."""
+    """Where an agent's files live under its install directory (an absolute path), and the
+    systemd unit of its target (one per target: two targets on one host keep theirs apart)."""
 
     root: str
+    name: str = ""  # the target's name (an inventory NAME: valid in a systemd unit name)
+
+    @property
+    def unit(self) -> str:
+        """The systemd unit's name."""
+        return f"mle-agent-{self.name}.service" if self.name else UNIT
 
     def path(self, *parts: str) -> str:
         """A path under the install directory."""
@@ -111,11 +120,11 @@ class Layout:
         return self.path("current", "venv", "bin", "mle-agentd")
 
 
-def describe(kind: str) -> str:
+def describe(kind: str, layout: Layout) -> str:
     """The service as a progress line says it."""
     return {
-        SYSTEMD_SYSTEM: f"systemd unit {UNIT} (system)",
-        SYSTEMD_USER: f"systemd unit {UNIT} (systemctl --user)",
+        SYSTEMD_SYSTEM: f"systemd unit {layout.unit} (system)",
+        SYSTEMD_USER: f"systemd unit {layout.unit} (systemctl --user)",
         SUPERVISE: "supervised background process (supervise.sh)",
     }[kind]
 
@@ -124,19 +133,25 @@ def service_file(kind: str, layout: Layout, name: str, home: str) -> tuple[str, 
     """The file that defines the service: (remote path, content, mode)."""
     if kind == SUPERVISE:
         return layout.supervisor, supervisor_script(layout), 0o755
-    return unit_path(kind, home), unit_text(layout, name, system=kind == SYSTEMD_SYSTEM), 0o644
+    text = unit_text(layout, name, system=kind == SYSTEMD_SYSTEM)
+    return unit_path(kind, layout, home), text, 0o644
 
 
-def unit_path(kind: str, home: str) -> str:
+def unit_path(kind: str, layout: Layout, home: str) -> str:
     """Where the unit file goes."""
     if kind == SYSTEMD_SYSTEM:
-        return f"/etc/systemd/system/{UNIT}"
-    return f"{home.rstrip('/')}/.config/systemd/user/{UNIT}"
+        return f"/etc/systemd/system/{layout.unit}"
+    return f"{home.rstrip('/')}/.config/systemd/user/{layout.unit}"
+
+
+def exec_start(layout: Layout) -> str:
+    """The unit's ExecStart line, its paths quoted as systemd reads them (a home with a space)."""
+    words = [layout.current_agentd, "--config", layout.config]
+    return "ExecStart=" + " ".join(_systemd_word(w) for w in words)
 
 
 def unit_text(layout: Layout, name: str, *, system: bool) -> str:
     """The systemd unit running the current release's mle-agentd with the install's config."""
-    exec_start = f"{layout.current_agentd} --config {layout.config}"
     wanted_by = "multi-user.target" if system else "default.target"
     return f"""\
 # Written by `mle agent install`; replaced by the next install or upgrade.
@@ -146,7 +161,7 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-ExecStart={exec_start}
+{exec_start(layout)}
 Restart=on-failure
 RestartSec=2
 KillSignal=SIGTERM
@@ -200,7 +215,7 @@ else kill -0 "$1" 2>/dev/null; fi; }"""
 def stop_command(kind: str, layout: Layout) -> str:
     """Stop the agent (no error when it is not running)."""
     if kind != SUPERVISE:
-        return f"{_systemctl(kind)} stop {UNIT} 2>/dev/null; true"
+        return f"{_systemctl(kind)} stop {shlex.quote(layout.unit)} 2>/dev/null; true"
     pid_file, supervisor = shlex.quote(layout.pid_file), shlex.quote(layout.supervisor)
     # Only a pid whose command line is our supervisor is signalled: a stale pid file may name a
     # process that reused the number. The whole session (setsid) is signalled: agent and sleep.
@@ -222,10 +237,10 @@ def restart_command(kind: str, layout: Layout) -> str:
     """(Re)start the agent now and at boot; the last exit status is forgotten first."""
     exit_file = shlex.quote(layout.exit_file)
     if kind != SUPERVISE:
-        ctl = _systemctl(kind)
+        ctl, unit = _systemctl(kind), shlex.quote(layout.unit)
         return (
-            f"rm -f {exit_file} && {ctl} daemon-reload && {ctl} enable {UNIT} && "
-            f"{ctl} reset-failed {UNIT} 2>/dev/null; {ctl} restart {UNIT}"
+            f"rm -f {exit_file} && {ctl} daemon-reload && {ctl} enable {unit} && "
+            f"{ctl} reset-failed {unit} 2>/dev/null; {ctl} restart {unit}"
         )
     log, pid_file = shlex.quote(layout.log_file), shlex.quote(layout.pid_file)
     supervisor = shlex.quote(layout.supervisor)
@@ -248,7 +263,8 @@ def crash_command(kind: str, layout: Layout) -> str:
     if kind == SUPERVISE:
         exit_file = shlex.quote(layout.exit_file)
         return f"if [ -s {exit_file} ]; then echo exited $(cat {exit_file}); fi"
-    show = f"{_systemctl(kind)} show {UNIT} -p NRestarts -p ActiveState -p ExecMainStatus"
+    unit = shlex.quote(layout.unit)
+    show = f"{_systemctl(kind)} show {unit} -p NRestarts -p ActiveState -p ExecMainStatus"
     return (
         f"{show} | awk -F= '/^NRestarts=/{{n=$2}} /^ActiveState=/{{a=$2}} "
         '/^ExecMainStatus=/{s=$2} END{if (n > 0 || a == "failed") print "exited " s}\''
@@ -259,10 +275,11 @@ def remove_command(kind: str, layout: Layout, home: str) -> str:
     """Stop the service and remove its definition (the install directory is removed apart)."""
     if kind == SUPERVISE:
         return f"{stop_command(kind, layout)}\nrm -f {shlex.quote(layout.supervisor)}"
-    ctl, unit = _systemctl(kind), shlex.quote(unit_path(kind, home))
+    ctl, path = _systemctl(kind), shlex.quote(unit_path(kind, layout, home))
+    unit = shlex.quote(layout.unit)
     return (
-        f"{ctl} disable --now {UNIT} 2>/dev/null; rm -f {unit}; "
-        f"{ctl} daemon-reload 2>/dev/null; {ctl} reset-failed {UNIT} 2>/dev/null; true"
+        f"{ctl} disable --now {unit} 2>/dev/null; rm -f {path}; "
+        f"{ctl} daemon-reload 2>/dev/null; {ctl} reset-failed {unit} 2>/dev/null; true"
     )
 
 
@@ -271,8 +288,20 @@ def logs_command(kind: str, layout: Layout, lines: int) -> str:
     if kind == SUPERVISE:
         return f"tail -n {int(lines)} {shlex.quote(layout.log_file)}"
     scope = " --user" if kind == SYSTEMD_USER else ""
-    return f"journalctl{scope} -u {UNIT} -n {int(lines)} --no-pager -o short-iso"
+    unit = shlex.quote(layout.unit)
+    return f"journalctl{scope} -u {unit} -n {int(lines)} --no-pager -o short-iso"
 
 
 def _systemctl(kind: str) -> str:
     return "systemctl --user" if kind == SYSTEMD_USER else "systemctl"
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_./:@+=,-]+")
+
+
+def _systemd_word(word: str) -> str:
+    """One word of a systemd command line: double-quoted with C escapes unless plain; `%`
+    (specifiers) and `$` (variables) doubled so they stay literal."""
+    if not _PLAIN.fullmatch(word):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word.replace("%", "%%").replace("$", "$$")

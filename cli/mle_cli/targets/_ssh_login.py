@@ -21,7 +21,7 @@ from mle_cli.targets.ssh import (
     SshTarget,
     SshUnreachable,
 )
-from mle_proto.errors import InvalidInput
+from mle_proto.errors import FailedPrecondition, InvalidInput
 
 if TYPE_CHECKING:
     import paramiko
@@ -119,7 +119,12 @@ def verify_host_key(
             f"{target.where}: unknown host key {shown}; if that is the device's key, re-run with "
             "--trust-new-host-key (it will be recorded in .mle/known_hosts)"
         )
-    _known_hosts.record_key(project_known_hosts(settings), target.host, target.port, key_type, blob)
+    path = project_known_hosts(settings)
+    try:
+        _known_hosts.record_key(path, target.host, target.port, key_type, blob)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FailedPrecondition(f"cannot record the host key in {path}: {reason}") from None
     log.info("%s: host key %s recorded in .mle/known_hosts", target.where, shown)
 
 

@@ -87,11 +87,21 @@ def operator_wheel(settings: Settings, version: str, wheelhouse: Path | None = N
 
 
 def wheel_version(wheel: Path) -> str:
-    """The version in an mle-toolchain wheel's file name; InvalidInput for another file."""
+    """The version in an mle-toolchain wheel's file name; InvalidInput for another file or a
+    version that is not PEP 440 (it names a directory on the device: `..` must not pass)."""
+    from packaging.version import InvalidVersion, Version
+
     name = wheel.name
     if not name.startswith(_WHEEL_PREFIX) or not name.endswith(".whl") or not wheel.is_file():
         raise InvalidInput(f"{wheel} is not an mle-toolchain wheel (mle_toolchain-VERSION-*.whl)")
-    return name.removeprefix(_WHEEL_PREFIX).split("-", 1)[0]
+    version = name.removeprefix(_WHEEL_PREFIX).split("-", 1)[0]
+    try:
+        normal: str | None = str(Version(version))
+    except InvalidVersion:
+        normal = None
+    if normal != version:  # a wheel's file name holds the normalized form, nothing else
+        raise InvalidInput(f"{wheel}: {version!r} is not a PEP 440 version (as in 0.4.1)")
+    return version
 
 
 def dependency_wheels(wheelhouse: Path) -> list[Path]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mle_cli.render import printable
 from mle_cli.settings import Settings
 from mle_cli.targets._installer import HostJob, Progress
 from mle_cli.targets.inventory import InventoryEntry, load_inventory
@@ -196,11 +197,17 @@ def _uninstall(job: HostJob) -> tuple[str, str]:
         found = find_installed(session, layout, user)
         if not found.present and not found.kinds:
             return "not installed", f"nothing at {layout.root}"
+        if found.present and found.owner != job.name:  # data/, releases/... may be the user's
+            held = f"the agent of target {found.owner!r}" if found.owner else "no install.json"
+            raise FailedPrecondition(
+                f"{job.name}: {layout.root} holds {held}, not an install of {job.name}; "
+                "nothing removed"
+            )
         removers = [_service.remove_command(k, layout, user.home) for k in found.kinds]
         for op in plan_uninstall(layout, removers):
             job.run(session, op)
         kept = session.run(f"test -d {shlex.quote(layout.root)}").exit_code == 0
-    services = ", ".join(_service.describe(k) for k in found.kinds) or "no service"
+    services = ", ".join(_service.describe(k, layout) for k in found.kinds) or "no service"
     version = f"mle {found.version}, " if found.version else ""
     where = f"kept {layout.root} (it holds other files)" if kept else f"removed {layout.root}"
     return "uninstalled", f"stopped and removed {version}{services}; {where}"
@@ -251,13 +258,34 @@ def _on_hosts(
         except MleError as exc:
             error = exc if entry.name in str(exc) else _named(exc, entry.name)
             return HostResult(entry.name, "failed", str(error), error)
-        return HostResult(entry.name, outcome, detail)
+        except Exception as exc:  # noqa: BLE001 - one host's bug must not abort the others
+            error = _unexpected(entry.name, exc)
+            return HostResult(entry.name, "failed", str(error), error)
+        return HostResult(entry.name, outcome, printable(detail))
 
     if len(hosts) == 1:
         return [one(hosts[0])]
     workers = min(options.parallel, len(hosts))
     with ThreadPoolExecutor(workers, thread_name_prefix="mle-install") as pool:
         return list(pool.map(one, hosts))
+
+
+def _unexpected(name: str, exc: Exception) -> MleError:
+    """An error that is no MleError, as this host's one-line failure; its traceback goes to the
+    debug log (the main error boundary's file)."""
+    import traceback
+
+    from mle_cli.app import debug_log_path
+
+    path = debug_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as log:
+            log.write(f"--- {name}\n{traceback.format_exc()}\n")
+        where = f"details in {path}"
+    except OSError:
+        where = "no debug log could be written"
+    return MleError(f"{name}: internal error: {printable(type(exc).__name__)}; {where}")
 
 
 def _named(exc: MleError, name: str) -> MleError:

@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 WINDOW_SIZE = 2**24
 MAX_PACKET_SIZE = 2**16
 CHUNK = 2**20  # bytes read from the local file per write
+IO_TIMEOUT = 60.0  # seconds an SFTP read or write may wait on the device before it is stalled
+KEEPALIVE = 15  # seconds between SSH keepalives: a dead link is noticed, a NAT keeps its entry
+MAX_OUTPUT = 16 * 2**20  # bytes of stdout, and of stderr, kept from one command: the device
+# is hostile until proven otherwise and must not fill the operator's memory
 _READ = 2**16
 
 
@@ -114,8 +118,11 @@ class CommandResult:
 class SshSession:
     """One authenticated SSH connection to a device."""
 
-    def __init__(self, target: SshTarget, transport: paramiko.Transport) -> None:
+    def __init__(
+        self, target: SshTarget, transport: paramiko.Transport, *, io_timeout: float = IO_TIMEOUT
+    ) -> None:
         self.target = target
+        self.io_timeout = io_timeout
         self._transport = transport
         self._sftp: paramiko.SFTPClient | None = None
 
@@ -130,7 +137,7 @@ class SshSession:
                 if stdin:
                     channel.sendall(stdin)
                 channel.shutdown_write()
-                out, err = _drain(channel, deadline)
+                out, err = _drain(channel, deadline, f"{self.target.name}: `{_short(command)}`")
                 if out is None or not channel.status_event.wait(_left(deadline)):
                     raise DeadlineExceeded(
                         f"{self.target.name}: `{_short(command)}` did not finish within "
@@ -181,11 +188,14 @@ class SshSession:
 
     def close(self) -> None:
         """Close the connection."""
+        self._drop_sftp()
+        self._transport.close()
+
+    def _drop_sftp(self) -> None:
         if self._sftp is not None:
             with contextlib.suppress(Exception):
                 self._sftp.close()
             self._sftp = None
-        self._transport.close()
 
     def __enter__(self) -> SshSession:
         return self
@@ -227,16 +237,24 @@ class SshSession:
             raise
 
     def _sftp_client(self) -> paramiko.SFTPClient:
-        """The session's SFTP channel, opened on first use with the large window."""
+        """The session's SFTP channel, opened on first use with the large window and a timeout
+        on every read and write (a device whose sftp server stalls must not hang install)."""
         if self._sftp is None:
             import paramiko
 
             with self._connection_errors():
-                self._sftp = paramiko.SFTPClient.from_transport(
-                    self._transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE
+                channel = self._transport.open_session(
+                    window_size=WINDOW_SIZE,
+                    max_packet_size=MAX_PACKET_SIZE,
+                    timeout=self.io_timeout,
                 )
-            if self._sftp is None:
-                raise SshUnreachable(f"{self.target.where}: the SSH server refused an SFTP channel")
+                try:
+                    channel.settimeout(self.io_timeout)
+                    channel.invoke_subsystem("sftp")
+                    self._sftp = paramiko.SFTPClient(channel)
+                except BaseException:
+                    channel.close()
+                    raise
         return self._sftp
 
     @contextlib.contextmanager
@@ -247,6 +265,7 @@ class SshSession:
         try:
             yield
         except TimeoutError:
+            self._drop_sftp()  # a request may still be in flight: the channel is unusable
             raise DeadlineExceeded(
                 f"{self.target.where}: the SSH server stopped answering"
             ) from None
@@ -274,7 +293,7 @@ class SshSession:
 
 def open_session(
     target: SshTarget, settings: Settings, *, trust_new_host_key: bool = False,
-    timeout: float = 15.0,
+    timeout: float = 15.0, io_timeout: float = IO_TIMEOUT,
 ) -> SshSession:  # fmt: skip
     """Connect and authenticate, verifying the host key (see the module docstring)."""
     if not target.host:
@@ -291,21 +310,26 @@ def open_session(
     except BaseException:
         transport.close()
         raise
+    transport.set_keepalive(KEEPALIVE)
     log.debug("%s: logged in as %s", target.where, target.login)
-    return SshSession(target, transport)
+    return SshSession(target, transport, io_timeout=io_timeout)
 
 
-def _drain(channel: paramiko.Channel, deadline: float) -> tuple[bytes | None, bytes]:
+def _drain(channel: paramiko.Channel, deadline: float, what: str) -> tuple[bytes | None, bytes]:
     """Read stdout and stderr together until the command's EOF (reading only one would stall
-    the other once the window fills); stdout None when the deadline passed first."""
+    the other once the window fills); stdout None when the deadline passed first.
+    ResourceExhausted when either stream passes MAX_OUTPUT."""
     out: list[bytes] = []
     err: list[bytes] = []
     ready = channel.fileno()  # a pipe readable while either stream has data or at EOF
+    sizes = {"stdout": 0, "stderr": 0}
     while True:
         while channel.recv_ready():
             out.append(channel.recv(_READ))
+            _count(sizes, "stdout", len(out[-1]), what)
         while channel.recv_stderr_ready():
             err.append(channel.recv_stderr(_READ))
+            _count(sizes, "stderr", len(err[-1]), what)
         if channel.eof_received or channel.closed:
             if not channel.recv_ready() and not channel.recv_stderr_ready():
                 return b"".join(out), b"".join(err)
@@ -313,6 +337,12 @@ def _drain(channel: paramiko.Channel, deadline: float) -> tuple[bytes | None, by
         if _left(deadline) <= 0:
             return None, b"".join(err)
         select.select([ready], [], [], min(_left(deadline), 1.0))
+
+
+def _count(sizes: dict[str, int], stream: str, size: int, what: str) -> None:
+    sizes[stream] += size
+    if sizes[stream] > MAX_OUTPUT:
+        raise ResourceExhausted(f"{what} printed more than {MAX_OUTPUT // 2**20} MiB on {stream}")
 
 
 def _copy(
