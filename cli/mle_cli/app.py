@@ -8,7 +8,6 @@ inside command bodies only, so `mle --help` stays fast (a test checks it).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from mle_cli.commands import agent, agents, bench, history, init, models, quantize, run, top
+from mle_cli.errors import debug_log_path
 
 __all__ = ["app", "main"]
 
@@ -61,12 +61,6 @@ bench.register(app)
 agents.register(app)
 top.register(app)
 app.add_typer(agent.app, name="agent")
-
-
-def debug_log_path() -> Path:
-    """Where tracebacks of unexpected errors are written."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "mle" / "debug.log"
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ MleError (mle_proto.errors)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mle_proto.errors import InvalidInput, MleError
 
-__all__ = ["RecipeError", "RunFailed"]
+__all__ = ["RecipeError", "RunFailed", "debug_log_path"]
 
 
 class RecipeError(InvalidInput):
@@ -45,3 +46,9 @@ class RunFailed(MleError):
     """A run ended with a failed or cancelled step."""
 
     exit_code = 10
+
+
+def debug_log_path() -> Path:
+    """Where tracebacks of unexpected errors are written."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mle" / "debug.log"

@@ -275,7 +275,7 @@ def _unexpected(name: str, exc: Exception) -> MleError:
     debug log (the main error boundary's file)."""
     import traceback
 
-    from mle_cli.app import debug_log_path
+    from mle_cli.errors import debug_log_path
 
     path = debug_log_path()
     try:
