@@ -362,7 +362,8 @@ def test_a_stalled_sftp_server_is_one_line_not_a_hang(
     tmp_path: Path, home: Path, settings: Settings
 ) -> None:
     """The device's sftp subsystem starts and never answers: the SFTP channel's timeout ends it."""
-    options = {"Subsystem": "sftp /bin/sleep 3600"}
+    # cat reads the channel and never answers; it ends when the channel closes (no orphan).
+    options = {"Subsystem": "sftp cat >/dev/null"}
     with ssh_server(tmp_path / "stalled", options=options) as server:
         _known(server, home)
         with open_session(_target(server), settings, io_timeout=1.0) as session:
