@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mle_agent.settings import AgentSettings, split_listen
+from mle_agent.settings import NAME, AgentSettings, split_listen
 from mle_proto.errors import MleError, UsageError
 
 if TYPE_CHECKING:
@@ -32,9 +32,6 @@ __all__ = [
 ]
 
 KEY_FILE = "agent.key"  # in the data dir
-# The operator's rule for a target name (mle_cli.targets.selectors.NAME; the agent cannot import
-# mle_cli, and a test checks the two agree): the name becomes the certificate's DNS name.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # The common name of the operator's client certificate starts with this (the project CA issues
 # it; mle_cli.targets.pki.OPERATOR_CN_PREFIX, a test checks they agree). The space keeps every

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "ENV_PREFIX",
     "HEARTBEAT_RANGE",
+    "NAME",
     "AgentSettings",
     "build_settings",
     "check_listen_security",
@@ -35,6 +36,10 @@ ENV_PREFIX = "MLE_AGENT_"
 MiB = 1024 * 1024
 _KEY_FILE = "agent.key"  # in the data dir (mle_agent.identity.KEY_FILE, which imports this module)
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+# The operator's rules (mle_cli.targets.selectors LABEL_VALUE and NAME): an agent it would ignore
+# is refused here, at start, instead of silently never being listed.
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9._/:@+-]{0,63}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # an agent (target) name
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 HEARTBEAT_RANGE = (0.05, 60.0)  # seconds: any interval asked for is clamped to this
 
@@ -249,6 +254,11 @@ def _label_table(value: Any) -> dict[str, str]:
     for key in value:
         if not _LABEL_KEY.fullmatch(str(key)):
             raise ValueError(f"label key {str(key)[:80]!r} is not valid")
+        if not _LABEL_VALUE.fullmatch(str(value[key])):
+            raise ValueError(
+                f"label value {str(value[key])[:80]!r} is not valid: letters, digits and "
+                ". _ / : @ + - (up to 63)"
+            )
     return {str(k): str(v) for k, v in value.items()}
 
 
@@ -256,6 +266,11 @@ def _validate(settings: AgentSettings) -> None:
     split_listen(settings.listen)
     if not settings.name:
         raise UsageError("invalid name: must not be empty")
+    if not NAME.fullmatch(settings.name) or ".." in settings.name:
+        raise UsageError(
+            f"invalid name {settings.name[:80]!r}: letters, digits and . _ - (up to 63, starting "
+            "with a letter or digit); give --name"
+        )
     if settings.slots < 1:
         raise UsageError("invalid slots: must be at least 1")
     if settings.log_level not in _LOG_LEVELS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,11 @@ def _empty(tmp_path: Path) -> Path:
         ("", {}, ["--heartbeat-interval", "0.01"], "invalid heartbeat_interval: must be between"),
         ("heartbeat_interval = 61\n", {}, [], "invalid heartbeat_interval"),
         ("", {"MLE_AGENT_HEARTBEAT_INTERVAL": "nan"}, [], "invalid heartbeat_interval"),
+        ("", {}, ["--labels", "owner=Jürgen"], "label value 'Jürgen' is not valid"),
+        ("", {}, ["--labels", "site=lab 2"], "label value 'lab 2' is not valid"),
+        ("", {}, ["--name", "pi 01"], "invalid name 'pi 01'"),
+        ("", {}, ["--name", "pi-*"], "invalid name 'pi-*'"),
+        ("", {}, ["--name", "pi..01"], "invalid name 'pi..01'"),
     ],
 )
 def test_bad_settings_are_usage_errors(
@@ -84,7 +90,7 @@ def test_bad_settings_are_usage_errors(
 ) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(toml)
-    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         build_settings(_flags(*argv), env, config)
 
 
