@@ -35,6 +35,7 @@ from mle_agent.settings import (
 from mle_agent.tasks import TaskManager
 from mle_proto import PROTO_VERSION, __version__
 from mle_proto.errors import MleError, UsageError
+from mle_proto.files import write_atomic
 
 __all__ = ["build_parser", "main", "run_agent", "state_file_content"]
 
@@ -236,19 +237,9 @@ def _address(settings: AgentSettings, port: int) -> str:
 
 def _write_state_file(path: Path, content: dict[str, Any]) -> None:
     """Write atomically (temp file, then rename) with mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, (json.dumps(content, indent=2) + "\n").encode(), 0o600)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise MleError(f"cannot write state file {path}: {exc.strerror or exc}") from None
 
 

@@ -11,13 +11,11 @@ cryptography is imported lazily.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import io
 import json
-import os
 import re
 import shlex
 import socket
@@ -35,6 +33,7 @@ from mle_proto.errors import (
     Unauthenticated,
     UsageError,
 )
+from mle_proto.files import write_atomic
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -291,17 +290,8 @@ def _short(fingerprint: str) -> str:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write a public file (0644) atomically: a temporary file renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write a public file (0644) atomically."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise MleError(f"cannot write {path}: {exc.strerror or exc}") from None

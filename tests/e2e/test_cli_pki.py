@@ -88,8 +88,8 @@ def test_make_csr_refuses_a_name_that_cannot_be_in_a_certificate(tmp_path: Path)
     code, out, err = _make_csr(tmp_path, "--name", "pi 01", "--make-csr", str(tmp_path / "x.csr"))
     assert (code, out) == (2, "")
     assert err == (
-        "mle-agentd: error: invalid name 'pi 01' for a certificate: 1 to 63 letters, digits, "
-        "'.', '_' or '-', starting with a letter or digit\n"
+        "mle-agentd: error: invalid name 'pi 01': letters, digits and . _ - (up to 63, starting "
+        "with a letter or digit); give --name\n"
     )
     assert not (tmp_path / "x.csr").exists() and not (tmp_path / "data" / "agent.key").exists()
 

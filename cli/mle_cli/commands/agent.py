@@ -224,18 +224,7 @@ def install(
 
     Example: mle agent install --target pi-01
     """
-    from mle_cli.targets.install import InstallOptions, install_agents
-
-    options = InstallOptions(
-        trust_new_host_key=trust_new_host_key,
-        parallel=parallel,
-        wheelhouse=wheelhouse,
-        offline=offline,
-        wheel=wheel,
-        start_timeout=start_timeout,
-        upgrade=False,
-    )
-    _finish(install_agents(settings_from(ctx), target, options, _progress))
+    _install(ctx, target, parallel, trust_new_host_key, wheelhouse, offline, wheel, start_timeout)
 
 
 @app.command()
@@ -254,18 +243,8 @@ def upgrade(
 
     Example: mle agent upgrade --target 'pi-*'
     """
-    from mle_cli.targets.install import InstallOptions, install_agents
-
-    options = InstallOptions(
-        trust_new_host_key=trust_new_host_key,
-        parallel=parallel,
-        wheelhouse=wheelhouse,
-        offline=offline,
-        wheel=wheel,
-        start_timeout=start_timeout,
-        upgrade=True,
-    )
-    _finish(install_agents(settings_from(ctx), target, options, _progress))
+    _install(ctx, target, parallel, trust_new_host_key, wheelhouse, offline, wheel, start_timeout,
+             upgrade=True)  # fmt: skip
 
 
 @app.command()
@@ -315,6 +294,32 @@ def logs(
                 sys.stderr.write(f"{result.target}: {printable(result.detail)}\n")
     if (error := failure(results)) is not None:
         raise error
+
+
+def _install(
+    ctx: typer.Context,
+    target: str,
+    parallel: int,
+    trust_new_host_key: bool,
+    wheelhouse: Path | None,
+    offline: bool,
+    wheel: Path | None,
+    start_timeout: float,
+    *,
+    upgrade: bool = False,
+) -> None:
+    from mle_cli.targets.install import InstallOptions, install_agents
+
+    options = InstallOptions(
+        trust_new_host_key=trust_new_host_key,
+        parallel=parallel,
+        wheelhouse=wheelhouse,
+        offline=offline,
+        wheel=wheel,
+        start_timeout=start_timeout,
+        upgrade=upgrade,
+    )
+    _finish(install_agents(settings_from(ctx), target, options, _progress))
 
 
 def _progress(name: str, text: str) -> None:

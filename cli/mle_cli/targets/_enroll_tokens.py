@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import string
 import time
@@ -107,7 +106,7 @@ class TokenStore:
     @contextlib.contextmanager
     def _update(self) -> Iterator[list[Record]]:
         """The records to change in place, written back (0600, atomically) after the block."""
-        with _locked(self.lock):
+        with pki.lock_file(self.lock):
             records = self.read()
             yield records
             now = time.time()
@@ -144,31 +143,6 @@ def check_token(
 def when(timestamp: float) -> str:
     """A time as messages show it (UTC: the device and the operator may differ)."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` while the block runs."""
-    import fcntl
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise MleError(f"cannot use {path}: {exc.strerror or exc}") from None
-    try:
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise MleError(f"{path} stays locked by another mle process") from None
-                time.sleep(0.01)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _find(records: list[Record], token_id: str) -> Record | None:

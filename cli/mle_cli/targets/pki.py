@@ -12,9 +12,7 @@ import contextlib
 import datetime
 import hashlib
 import ipaddress
-import os
 import re
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mle_cli.settings import Settings
 from mle_cli.targets._endpoint import TlsIdentity
+from mle_cli.targets._files import lock_file, write_file
 from mle_cli.targets.selectors import NAME
 from mle_proto.errors import InvalidInput, MleError
 
@@ -38,6 +37,7 @@ __all__ = [
     "check_agent_name",
     "ensure_ca",
     "issue_server_certificate",
+    "lock_file",
     "operator_identity",
     "pki_dir",
     "sign_agent_csr",
@@ -52,7 +52,6 @@ OPERATOR_CERT_DAYS = 730
 # a certificate valid from this very second would be "not yet valid" to them.
 _BACKDATE = datetime.timedelta(hours=1)
 _RENEW_BEFORE = datetime.timedelta(days=30)  # the operator certificate is replaced this early
-_LOCK_TIMEOUT = 30.0
 _WEAK_KEY = "the request's key is not ECDSA P-256/P-384 or RSA of 2048+ bits"
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _CN_MAX = 64  # ub-common-name in RFC 5280
@@ -407,43 +406,13 @@ def _read(path: Path) -> bytes:
         raise MleError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def write_file(path: Path, data: bytes, *, private: bool) -> None:
-    """Write atomically: a 0600 (or 0644) temporary file, fsynced, renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise MleError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Hold the pki directory's lock (created 0700 on first use) while the block runs."""
-    import fcntl
-
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         directory.chmod(0o700)
-        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise MleError(f"cannot use {directory}: {exc.strerror or exc}") from None
-    try:
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise MleError(f"{directory} stays locked by another mle process") from None
-                time.sleep(0.01)
+    with lock_file(directory / ".lock"):
         yield
-    finally:
-        os.close(fd)  # releases the lock
