@@ -58,7 +58,7 @@ def _spec(**changes: object) -> InstallSpec:
         name="pi-01",
         host="192.168.1.50",
         port=7443,
-        labels={"role": "edge", "site/room": "lab 2"},
+        labels={"role": "edge", "site/room": "lab-2"},
         layout=Layout(ROOT, "pi-01"),
         home="/home/pi",
         python="/usr/bin/python3",
@@ -327,7 +327,7 @@ def test_the_config_is_what_the_agent_reads(tmp_path: Path) -> None:
     path.write_text(agent_config(spec))
     settings = build_settings({}, {}, path)
     assert settings.name == "pi-01" and settings.listen == "0.0.0.0:7443"
-    assert settings.labels == {"role": "edge", "site/room": "lab 2"}
+    assert settings.labels == {"role": "edge", "site/room": "lab-2"}
     assert settings.data_dir == tmp_path / "data" and settings.announce
     assert settings.tls_cert == tmp_path / "tls/agent.crt"
     assert settings.tls_key == tmp_path / "data/agent.key"  # where --make-csr left it
