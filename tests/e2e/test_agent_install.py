@@ -367,12 +367,17 @@ def test_offline_downloads_the_devices_wheels_here_and_installs_with_no_index(
     project: Project, sshd: SshServer, devices: Path
 ) -> None:
     # pip's own settings point the operator's download at the wheelhouse instead of an index,
-    # so the test needs no network: the device's platform is this machine's.
+    # so the test needs no network: the device's platform is this machine's. The mle wheel is
+    # given too: building it from source would need the build backend from an index.
     project.env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(WHEELHOUSE))
+    [mle_wheel] = WHEELHOUSE.glob("mle_toolchain-*.whl")
     install_dir = devices / "pi-01"
     _target(project, sshd, "pi-01", install_dir)
     _trust(project, sshd)
-    done = project.mle("agent", "install", "--target", "pi-01", "--offline", timeout=600)
+    done = project.mle(
+        "agent", "install", "--target", "pi-01", "--offline", "--wheel", str(mle_wheel),
+        timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "no index, uploaded wheels" in done.stderr
     downloaded = list((project.root / ".mle" / "wheels").glob("cp3*-*/grpcio-*.whl"))
