@@ -18,7 +18,6 @@ from typing import TypeVar
 
 import psutil
 import pytest
-import zeroconf
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from mle_agent.announce import SERVICE_TYPE, announced, txt_record
@@ -27,9 +26,9 @@ from mle_cli.ledger._agents import discovered_agents
 from mle_cli.settings import Settings
 from mle_cli.targets.discovery import Browse, DiscoveredAgent, discover_agents, list_agents
 from tests.agent_helpers import agent_settings, leak_check, run
+from tests.mdns_helpers import LOOPBACK, fast_mdns, unique
 
 pytestmark = pytest.mark.timeout(60)
-LOOPBACK = "127.0.0.1"
 DISCOVERY_LOG = "mle_cli.targets.discovery"
 T = TypeVar("T")
 
@@ -41,13 +40,7 @@ def _no_leaks() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _fast_mdns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shorter probe and announce intervals, as python-zeroconf's own tests do."""
-    for name, millis in (("_CHECK_TIME", 10), ("_REGISTER_TIME", 10), ("_UNREGISTER_TIME", 10)):
-        monkeypatch.setattr(zeroconf._core, name, millis)
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns() % 10**9}"
+    fast_mdns(monkeypatch)
 
 
 def _browse_until(
@@ -66,7 +59,7 @@ def _named(browse: Browse, name: str) -> DiscoveredAgent | None:
 
 
 def test_an_announced_agent_is_found_with_its_facts(tmp_path: Path) -> None:
-    name = _unique("pi-01")
+    name = unique("pi-01")
     settings = agent_settings(
         tmp_path,
         name=name,
@@ -90,7 +83,7 @@ def test_an_announced_agent_is_found_with_its_facts(tmp_path: Path) -> None:
 
 
 def test_a_loopback_agent_does_not_announce_unless_asked(tmp_path: Path) -> None:
-    name = _unique("quiet")
+    name = unique("quiet")
     settings = agent_settings(tmp_path, name=name, announce_interfaces=LOOPBACK)
 
     async def scenario() -> Browse:
@@ -135,7 +128,7 @@ def _send_garbage() -> None:
 
 def test_hostile_records_are_ignored_with_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=DISCOVERY_LOG)
-    suffix = _unique("")
+    suffix = unique("")
     good = f"good{suffix}"
     zc = Zeroconf(interfaces=[LOOPBACK], ip_version=IPVersion.V4Only)
     try:
@@ -156,7 +149,7 @@ def test_hostile_records_are_ignored_with_a_debug_line(caplog: pytest.LogCapture
 
 
 def test_a_withdrawn_agent_stays_cached_and_is_marked_gone(tmp_path: Path) -> None:
-    name = _unique("edge")
+    name = unique("edge")
     agent = agent_settings(tmp_path, name=name, announce=True, announce_interfaces=LOOPBACK)
     settings = Settings(
         project_dir=tmp_path,
@@ -225,7 +218,7 @@ def test_browsing_on_chosen_interfaces_ignores_agents_heard_elsewhere(tmp_path: 
     other = _other_ipv4()
     if other is None:
         pytest.skip("this machine has no non-loopback IPv4 address to browse on")
-    name = _unique("elsewhere")
+    name = unique("elsewhere")
     settings = agent_settings(tmp_path, name=name, announce=True, announce_interfaces=LOOPBACK)
 
     async def scenario() -> tuple[Browse, Browse]:

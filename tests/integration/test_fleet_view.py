@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import zeroconf
 
 from mle_agent.announce import announced
 from mle_cli.settings import Settings
@@ -25,10 +24,10 @@ from mle_cli.targets.discovery import list_agents
 from mle_cli.targets.fleet import AgentFacts, Target, fleet_view, probe_targets
 from mle_proto.errors import NotFound
 from tests.agent_helpers import agent_settings, leak_check, run, running_agent
+from tests.mdns_helpers import LOOPBACK, fast_mdns, unique
 from tests.pki_helpers import issue_agent_tls
 
 pytestmark = pytest.mark.timeout(90)
-LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 
 
@@ -39,13 +38,7 @@ def _no_leaks() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _fast_mdns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shorter probe and announce intervals, as python-zeroconf's own tests do."""
-    for name, millis in (("_CHECK_TIME", 10), ("_REGISTER_TIME", 10), ("_UNREGISTER_TIME", 10)):
-        monkeypatch.setattr(zeroconf._core, name, millis)
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns() % 10**9}"
+    fast_mdns(monkeypatch)
 
 
 def _operator(tmp_path: Path) -> Settings:
@@ -79,7 +72,7 @@ def _rows(settings: Settings, refresh: bool = True) -> dict[str, dict[str, Any]]
 
 def test_an_inventory_entry_wins_over_the_mdns_record_of_the_same_agent(tmp_path: Path) -> None:
     settings = _operator(tmp_path)
-    name = _unique("edge")
+    name = unique("edge")
     tls = issue_agent_tls(settings, name)
     agent = tls.apply(
         agent_settings(
@@ -117,7 +110,7 @@ def test_an_inventory_entry_wins_over_the_mdns_record_of_the_same_agent(tmp_path
 
 def test_an_announced_tls_agent_is_listed_with_its_live_facts(tmp_path: Path) -> None:
     settings = _operator(tmp_path)
-    name = _unique("pi")
+    name = unique("pi")
     tls = issue_agent_tls(settings, name)
     agent = tls.apply(agent_settings(tmp_path, announce=True, announce_interfaces=LOOPBACK))
 
@@ -146,7 +139,7 @@ def test_an_announced_tls_agent_is_listed_with_its_live_facts(tmp_path: Path) ->
 
 def test_an_inventory_only_agent_with_a_host_is_dialled_over_mutual_tls(tmp_path: Path) -> None:
     settings = _operator(tmp_path)
-    name = _unique("srv")
+    name = unique("srv")
     tls = issue_agent_tls(settings, name)
     agent = tls.apply(agent_settings(tmp_path))  # not announced: only the inventory knows it
     inventory = settings.project_dir / "targets" / "cloud.yaml"
@@ -196,7 +189,7 @@ def _silent_listener() -> Iterator[int]:
 
 def test_silent_hosts_do_not_starve_the_probe_of_an_agent_that_answers(tmp_path: Path) -> None:
     settings = _operator(tmp_path)
-    name = f"zz-{_unique('ok')}"  # sorted after the silent ones: asked last
+    name = f"zz-{unique('ok')}"  # sorted after the silent ones: asked last
     agent = issue_agent_tls(settings, name).apply(agent_settings(tmp_path))
     inventory = settings.project_dir / "targets" / "fleet.yaml"
 
