@@ -25,7 +25,13 @@ from mle_cli.recipe import evaluate_when, render_options
 from mle_cli.recipe.plan import Plan, Step
 from mle_cli.recovery import PriorStep
 from mle_cli.states import FINAL, Status
-from mle_cli.tasksteps import SchedulerOptions, StepOutcome, TaskSteps, task_request
+from mle_cli.tasksteps import (
+    SchedulerOptions,
+    StepOutcome,
+    StepResults,
+    TaskSteps,
+    task_request,
+)
 from mle_proto.errors import MleError
 from mle_proto.store import ArtifactStore
 
@@ -252,17 +258,7 @@ class Scheduler:
 
     def _context(self) -> dict[str, Any]:
         """What templates and `when:` see of the run so far."""
-        return {
-            "params": dict(self.plan.params),
-            "steps": {
-                o.step_id: {
-                    "status": o.status.value,
-                    "metrics": dict(o.metrics),
-                    "outputs": list(o.outputs),
-                }
-                for o in self._steps.values()
-            },
-        }
+        return {"params": dict(self.plan.params), "steps": StepResults(self._steps)}
 
     # -- one step ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,14 @@ from mle_cli.states import Status
 from mle_proto.errors import MleError
 from mle_proto.store import ArtifactStore
 
-__all__ = ["RunHost", "SchedulerOptions", "StepOutcome", "TaskSteps", "task_request"]
+__all__ = [
+    "RunHost",
+    "SchedulerOptions",
+    "StepOutcome",
+    "StepResults",
+    "TaskSteps",
+    "task_request",
+]
 
 ExecutorFactory = Callable[[str], Awaitable[Executor]]
 _MAX_METRICS_BYTES = 1024 * 1024
@@ -51,6 +58,24 @@ class StepOutcome:
     outputs: dict[str, OutputFile] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     last_lines: list[str] = field(default_factory=list)
+
+
+class StepResults(Mapping[str, dict[str, Any]]):
+    """What templates and `when:` see of each step: read from its outcome when asked, not copied
+    for every step that starts (which would cost O(N²) over a run)."""
+
+    def __init__(self, outcomes: Mapping[str, StepOutcome]) -> None:
+        self._outcomes = outcomes
+
+    def __getitem__(self, step_id: str) -> dict[str, Any]:
+        o = self._outcomes[step_id]
+        return {"status": o.status.value, "metrics": dict(o.metrics), "outputs": list(o.outputs)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outcomes)
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
 
 
 class RunHost(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,18 +127,36 @@ class _Render(Protocol):
 
 def _results(steps: StepResults) -> Results:
     """`steps` for dispatch, from each finished step's status, metrics and outputs."""
-    views = {
-        step_id: Namespace(
-            ("steps", step_id),
-            {
-                "status": result.get("status"),
-                "metrics": wrap(("steps", step_id, "metrics"), result.get("metrics", {})),
-                "outputs": wrap(("steps", step_id, "outputs"), result.get("outputs", [])),
-            },
-        )
-        for step_id, result in steps.items()
-    }
-    return Results(("steps",), views)
+    return Results(("steps",), _Views(steps))
+
+
+class _Views(Mapping[str, Namespace]):
+    """Each step's result as a namespace, built when a template first reads it: a run of N
+    steps renders N templates, so building all views every time would cost O(N²)."""
+
+    def __init__(self, steps: StepResults) -> None:
+        self._steps = steps
+        self._views: dict[str, Namespace] = {}
+
+    def __getitem__(self, step_id: str) -> Namespace:
+        view = self._views.get(step_id)
+        if view is None:
+            result = self._steps[step_id]
+            view = self._views[step_id] = Namespace(
+                ("steps", step_id),
+                {
+                    "status": result.get("status"),
+                    "metrics": wrap(("steps", step_id, "metrics"), result.get("metrics", {})),
+                    "outputs": wrap(("steps", step_id, "outputs"), result.get("outputs", [])),
+                },
+            )
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
 
 
 class _StrictUndefined(StrictUndefined):
