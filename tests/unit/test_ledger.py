@@ -123,7 +123,7 @@ def test_a_failed_write_fails_the_next_flush(tmp_path: Path) -> None:
     async def scenario() -> None:
         writer = LedgerWriter(tmp_path / "l.db")
         writer.submit(lambda led: led.update_run("missing-run", status="x"))
-        with pytest.raises(LedgerError, match="ledger write failed: NotFoundError"):
+        with pytest.raises(LedgerError, match="ledger write failed: NotFound no row in runs"):
             await writer.flush()
         writer.close()
 
