@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MleError as exc:
         return _fail(exc)
     _configure_logging(settings.log_level)
+    _watch_children_by_pidfd()
     try:
         return asyncio.run(run_agent(settings))
     except MleError as exc:
@@ -71,6 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("internal error")
         return 1
+
+
+def _watch_children_by_pidfd() -> None:
+    """On Python 3.11, learn of a task's exit through a pidfd in the event loop instead of a
+    thread per child (one thread started for every task). Python 3.12 does this by itself."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # a kernel before 5.3
+        return
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
 def build_parser() -> argparse.ArgumentParser:

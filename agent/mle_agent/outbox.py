@@ -269,15 +269,22 @@ class Outbox:
 
     def ack(self, task_id: str, upto_seq: int) -> int | None:
         """Record that events up to upto_seq are safe elsewhere; return acked_seq or None."""
+        return self.ack_many([(task_id, upto_seq)])[0]
+
+    def ack_many(self, acks: Sequence[tuple[str, int]]) -> list[int | None]:
+        """`ack` for several tasks in one transaction: each one's acked_seq, None when unknown."""
         with self._transaction():
-            row = self.get(task_id)
-            if row is None:
-                return None
-            acked = max(row.acked_seq, min(upto_seq, row.last_seq))
-            self._db.execute("UPDATE tasks SET acked_seq = ? WHERE task_id = ?", (acked, task_id))
-            if row.final:
-                self._prune(task_id)
-            return acked
+            return [self._ack(task_id, upto_seq) for task_id, upto_seq in acks]
+
+    def _ack(self, task_id: str, upto_seq: int) -> int | None:
+        row = self.get(task_id)
+        if row is None:
+            return None
+        acked = max(row.acked_seq, min(upto_seq, row.last_seq))
+        self._db.execute("UPDATE tasks SET acked_seq = ? WHERE task_id = ?", (acked, task_id))
+        if row.final:
+            self._prune(task_id)
+        return acked
 
     def _prune(self, task_id: str) -> None:
         # The final event (seq == last_seq) is kept: it is the task's outcome.

@@ -129,8 +129,9 @@ class AgentServicer(pb_grpc.AgentServicer):
 
     @_unary
     async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
-        """Record the operator's ack and prune what it covers."""
-        return pb.AckResponse(acked_seq=self._manager.ack(request.task_id, request.upto_seq))
+        """Record the operator's acks and prune what they cover."""
+        more = [(a.task_id, a.upto_seq) for a in request.more]
+        return pb.AckResponse(acked_seq=self._manager.ack(request.task_id, request.upto_seq, more))
 
     @_streaming
     async def Heartbeat(

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -170,9 +170,10 @@ class TaskManager:
         """Every task the outbox knows, or those of one run."""
         return [row.status() for row in self._outbox.tasks(run_id)]
 
-    def ack(self, task_id: str, upto_seq: int) -> int:
-        """Record the operator's ack; return the task's acked_seq."""
-        acked = self._outbox.ack(task_id, upto_seq)
+    def ack(self, task_id: str, upto_seq: int, more: Sequence[tuple[str, int]] = ()) -> int:
+        """Record the operator's acks; return the first task's acked_seq. Only that task must
+        exist: the others of a batch that are unknown (pruned, another agent's) are skipped."""
+        acked = self._outbox.ack_many([(task_id, upto_seq), *more])[0]
         if acked is None:
             raise NotFound(f"task {task_id} is not on this agent")
         return acked

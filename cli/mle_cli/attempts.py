@@ -30,6 +30,8 @@ LogSink = Callable[[str, str, str], None]  # step id, stream, text
 
 _RETRY_WATCH = 0.2  # seconds between attempts to re-open a broken event stream
 _LATE_RETRY = 1.0  # the same, for a fenced attempt that may come back
+_ACK_LINGER = 0.1  # seconds an ack waits for others to go out with it
+_ACK_BATCH = 500  # acks per call at most (a small control message)
 
 
 def result(status: Status, text: str, seq: int = 0) -> TaskUpdate:
@@ -58,6 +60,9 @@ class AttemptRunner:
         self._running: dict[str, tuple[Executor, str]] = {}  # task id -> executor
         self._late: dict[str, asyncio.Task[None]] = {}  # fenced task id -> its follower
         self._background: set[asyncio.Task[None]] = set()
+        self._acks: dict[Executor, dict[str, int]] = {}  # task id -> seq, per executor
+        self._acker: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
         self._cancel_reason = ""
 
     @property
@@ -192,17 +197,28 @@ class AttemptRunner:
             await asyncio.sleep(_LATE_RETRY)
 
     def _ack_later(self, executor: Executor, task_id: str, seq: int) -> None:
-        async def ack() -> None:
+        """Acknowledge a task's events once the ledger holds them. Acks linger a moment and go
+        out together, one call per agent: an RPC per task cost a fifth of a short step."""
+        self._acks.setdefault(executor, {})[task_id] = seq
+        if self._acker is None or self._acker.done():
+            self._acker = asyncio.create_task(self._send_acks())
+            self._background.add(self._acker)
+            self._acker.add_done_callback(self._background.discard)
+
+    async def _send_acks(self) -> None:
+        while self._acks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), _ACK_LINGER)
+            batches, self._acks = self._acks, {}
             await self._writer.flush()  # only acknowledge what the ledger durably holds
             faults.point("result-committed")
-            try:
-                await executor.ack(task_id, seq)
-            except MleError as e:
-                log.debug("ack of %s failed: %s", task_id, e)
-
-        task = asyncio.create_task(ack())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            for executor, acks in batches.items():
+                items = list(acks.items())
+                for start in range(0, len(items), _ACK_BATCH):
+                    try:
+                        await executor.ack(dict(items[start : start + _ACK_BATCH]))
+                    except MleError as e:
+                        log.debug("acks to %s failed: %s", executor.name, e)
 
     async def cancel_running(self, reason: str) -> None:
         """Cancel every attempt in flight, and any that is starting."""
@@ -218,7 +234,8 @@ class AttemptRunner:
             log.debug("could not cancel %s on %s: %s", task_id, executor.name, e)
 
     async def close(self) -> None:
-        """Stop following fenced attempts and wait for pending acks."""
+        """Stop following fenced attempts and send pending acks at once."""
+        self._closing.set()
         for follower in self._late.values():
             follower.cancel()
         await asyncio.gather(*self._late.values(), *self._background, return_exceptions=True)

@@ -96,8 +96,8 @@ class Executor(Protocol):
         """Copy artifacts the store lacks from the executor into store."""
         ...
 
-    async def ack(self, task_id: str, upto_seq: int) -> None:
-        """Events up to upto_seq are durably recorded and may be pruned."""
+    async def ack(self, acks: Mapping[str, int]) -> None:
+        """Each task's events up to its seq are durably recorded and may be pruned."""
         ...
 
     async def close(self) -> None:

@@ -467,6 +467,28 @@ def test_list_tasks_and_ack_prunes_acked_events(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_one_ack_call_covers_several_tasks_and_skips_unknown_ones(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_agent(agent_settings(tmp_path)) as agent:
+            ids = ["r.a.1", "r.b.1", "r.c.1"]
+            for task_id in ids:
+                await agent.start(task_id, "echo 1; echo 2", run_id="r", step=task_id[2])
+            full = {task_id: await agent.events(task_id) for task_id in ids}
+            more = [pb.TaskAck(task_id=t, upto_seq=len(full[t])) for t in ids[1:]]
+            more.append(pb.TaskAck(task_id="pruned-or-elsewhere", upto_seq=1))
+            request = pb.AckRequest(task_id=ids[0], upto_seq=2, more=more)
+            assert (await agent.agent.Ack(request)).acked_seq == 2
+            assert [e.seq for e in await agent.events(ids[0])] == [e.seq for e in full[ids[0]][2:]]
+            for task_id in ids[1:]:  # only the result is left
+                assert [e.seq for e in await agent.events(task_id)] == [len(full[task_id])]
+            unknown_first = pb.AckRequest(task_id="zz", upto_seq=1, more=more[:1])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent.agent.Ack(unknown_first)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    run(scenario())
+
+
 def test_watching_an_unknown_task_is_not_found(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_agent(agent_settings(tmp_path)) as agent:

@@ -111,6 +111,9 @@ def test_files_are_shipped_and_outputs_fetched_across_stores(tmp_path: Path) -> 
             try:
                 status, recorder = await _run_plan(tmp_path, conn, project_store)
                 assert status == Status.SUCCEEDED
+                for task_id in ("run1.make.1", "run1.use.1"):  # acked by the end of the run:
+                    kept = await agent.events(task_id)  # the agent pruned all but the result
+                    assert [e.HasField("result") for e in kept] == [True]
                 assert recorder.statuses["use"] == [Status.RUNNING, Status.SUCCEEDED]
                 shipped = compile_recipe(tmp_path / "r.yaml").files[0]
                 assert await conn.missing([shipped.digest]) == []

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
@@ -194,9 +194,14 @@ class AgentConnection:
             lambda: self._agent.CancelTask(request, metadata=self._metadata, timeout=self._timeout)
         )
 
-    async def ack(self, task_id: str, upto_seq: int) -> None:
-        """Let the agent prune events the ledger holds."""
-        request = pb.AckRequest(task_id=task_id, upto_seq=upto_seq)
+    async def ack(self, acks: Mapping[str, int]) -> None:
+        """Let the agent prune events the ledger holds, for several tasks in one call."""
+        (task_id, upto_seq), *more = acks.items()
+        request = pb.AckRequest(
+            task_id=task_id,
+            upto_seq=upto_seq,
+            more=[pb.TaskAck(task_id=t, upto_seq=s) for t, s in more],
+        )
         await self._call(
             lambda: self._agent.Ack(request, metadata=self._metadata, timeout=self._timeout)
         )

@@ -676,6 +676,36 @@ class AckRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     UPTO_SEQ_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    upto_seq: _builtins.int
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAck]:
+        """More tasks acknowledged in the same call: the operator batches its acks. Unknown task ids
+        here are skipped (only task_id itself must exist). Agents of mle 0.1.0 ignore this field.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        upto_seq: _builtins.int = ...,
+        more: _abc.Iterable[Global___TaskAck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "task_id", b"task_id", "upto_seq", b"upto_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckRequest: _TypeAlias = AckRequest  # noqa: Y015
+
+@_typing.final
+class TaskAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    UPTO_SEQ_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     upto_seq: _builtins.int
     def __init__(
@@ -690,7 +720,7 @@ class AckRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AckRequest: _TypeAlias = AckRequest  # noqa: Y015
+Global___TaskAck: _TypeAlias = TaskAck  # noqa: Y015
 
 @_typing.final
 class AckResponse(_message.Message):
