@@ -1,7 +1,7 @@
 """The `mle` command line: the typer app and the one place errors are shown.
 
 Commands live in `mle_cli.commands`; each parses its options, calls one library function and
-renders the result. Heavy modules (grpc, sqlite_utils, zeroconf, paramiko, onnxruntime) are imported
+renders the result. Heavy modules (grpc, zeroconf, paramiko, onnxruntime) are imported
 inside command bodies only, so `mle --help` stays fast (a test checks it).
 """
 

@@ -84,7 +84,7 @@ def _last_lines(ledger: Ledger, attempts: list[dict[str, Any]]) -> list[str]:
     """The last log lines of a step's last attempt (the one that decided its failure)."""
     if not attempts:
         return []
-    rows = ledger.db.query(
+    rows = ledger.query(
         "SELECT text FROM events WHERE task_id = ? AND kind = 'log' ORDER BY seq DESC LIMIT ?",
         [attempts[-1]["task_id"], _TAIL],
     )

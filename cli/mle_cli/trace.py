@@ -178,7 +178,7 @@ def _clock(run: Record, attempts: Sequence[Record], now: float) -> _Clock:
 
 def _state_events(ledger: Ledger, run_id: str) -> dict[str, list[tuple[str, float]]]:
     states: dict[str, list[tuple[str, float]]] = {}
-    for row in ledger.db.query(
+    for row in ledger.query(
         "SELECT task_id, state, time FROM events WHERE run_id = ? AND kind = 'state' "
         "ORDER BY task_id, seq",
         [run_id],
@@ -189,7 +189,7 @@ def _state_events(ledger: Ledger, run_id: str) -> dict[str, list[tuple[str, floa
 
 def _last_lines(ledger: Ledger, run_id: str) -> dict[str, str]:
     # SQLite takes a bare column of a max() aggregate from the row holding the maximum.
-    rows = ledger.db.query(
+    rows = ledger.query(
         "SELECT task_id, text, max(seq) AS seq FROM events "
         "WHERE run_id = ? AND kind = 'log' GROUP BY task_id",
         [run_id],

@@ -30,7 +30,8 @@ FORBIDDEN = {
         "jinja2",
         "pydantic",
     },
-    "mle_cli": {"mle_agent"},
+    # sqlite-utils is only a dev dependency (a test reads the ledger with its CLI).
+    "mle_cli": {"mle_agent", "sqlite_utils"},
     "mle_proto": {"mle_cli", "mle_agent", "typer", "rich", "sqlite_utils"},
 }
 

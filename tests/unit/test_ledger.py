@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from mle_cli.ledger import ArtifactRecord, EventRecord, Ledger, LedgerError, LedgerWriter
+from mle_cli.ledger import (
+    ArtifactRecord,
+    EventRecord,
+    Ledger,
+    LedgerError,
+    LedgerWriter,
+    queries,
+)
 from mle_cli.ledger._schema import SCHEMA_VERSION
 from mle_cli.states import Status
 from mle_proto.errors import FailedPrecondition, NotFound
@@ -95,6 +105,69 @@ def test_an_abandoned_run_is_closed_with_its_steps_and_attempts(tmp_path: Path) 
     assert ledger.attempts("run1")[0]["status"] == "cancelled"
 
 
+def test_query_returns_rows_as_dicts_by_column_name(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    rows = ledger.query("SELECT step_id, position AS pos FROM steps WHERE run_id = ?", ["run1"])
+    assert list(rows) == [{"step_id": "a", "pos": 0}, {"step_id": "b", "pos": 1}]
+    assert list(ledger.query("SELECT * FROM runs WHERE id = ?", ["nope"])) == []
+
+
+def test_recording_again_updates_metrics_approvals_and_artifacts_in_place(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    ledger.record_metrics("run1", "a", {"loss": 0.5, "accuracy": 0.8})
+    ledger.record_metrics("run1", "a", {"accuracy": 0.9, "note": "ok"})
+    found = queries.metrics(ledger, "run1")["a"]
+    assert list(found.items()) == [("loss", 0.5), ("accuracy", 0.9), ("note", "ok")]  # same rows
+    ledger.record_approval("run1", "b", decision="rejected", who="ann", reason="too slow")
+    ledger.record_approval("run1", "b", decision="approved", who="bob")
+    approval = queries.approval(ledger, "run1", "b")
+    assert approval is not None
+    assert (approval["decision"], approval["who"], approval["reason"]) == ("approved", "bob", "")
+    for digest in ("sha256:" + "1" * 64, "sha256:" + "2" * 64):
+        ledger.record_artifacts([ArtifactRecord("run1", "a", "o.txt", digest, 3)])
+    assert ledger.artifacts("run1") == [
+        {"step_id": "a", "path": "o.txt", "digest": "sha256:" + "2" * 64, "size": 3}
+    ]
+
+
+def test_an_upsert_keeps_the_columns_it_is_not_given(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    _run(ledger, "run1")
+    ledger.record_metrics("run1", "a", {"accuracy": 0.8})
+    # The record_* methods give every column today; a column a later migration adds must survive.
+    key = {"run_id": "run1", "step_id": "a", "name": "accuracy"}
+    ledger._upsert("metrics", tuple(key), [{**key, "value": 0.9}])
+    assert list(ledger.query("SELECT value, text FROM metrics")) == [{"value": 0.9, "text": "0.8"}]
+    with pytest.raises(ValueError, match="primary key"):
+        ledger._upsert("metrics", tuple(key), [{**key, "value = 1; --": 1}])
+
+
+_OPEN_AND_USE = """
+import json, sys
+from pathlib import Path
+from mle_cli.ledger import Ledger
+ledger = Ledger(Path(sys.argv[1]))
+ledger.create_run("r1", recipe="r", source="r.yaml", recipe_digest="d", params={}, steps=[])
+ledger.record_metrics("r1", "a", {"accuracy": 0.9})
+assert ledger.run("r1")["status"] == "pending"
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_the_ledger_imports_neither_sqlite_utils_nor_numpy(tmp_path: Path) -> None:
+    """Every `mle run` and `mle show` opens the ledger: numpy (and pandas) would cost it 100 ms."""
+    out = subprocess.run(
+        [sys.executable, "-c", _OPEN_AND_USE, str(tmp_path / "l.db")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    loaded = {m.split(".")[0] for m in json.loads(out.strip().splitlines()[-1])}
+    assert loaded & {"sqlite_utils", "numpy", "pandas"} == set()
+
+
 def test_writer_commits_in_order_and_flush_waits_for_it(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
 
@@ -117,6 +190,18 @@ def test_writer_commits_in_order_and_flush_waits_for_it(tmp_path: Path) -> None:
         writer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_write_nobody_flushes_is_committed_soon_all_the_same(tmp_path: Path) -> None:
+    writer = LedgerWriter(tmp_path / "l.db")
+    writer.submit(lambda led: _run(led, "run1"))  # no flush: the writer lingers, then commits
+    reader = sqlite3.connect(tmp_path / "l.db")
+    try:
+        while not reader.execute("SELECT count(*) FROM runs").fetchone()[0]:
+            time.sleep(0.005)  # bounded by the test timeout; never waits on a flush
+    finally:
+        reader.close()
+        writer.close()
 
 
 def test_a_failed_write_fails_the_next_flush(tmp_path: Path) -> None:
@@ -148,9 +233,7 @@ def test_the_ledger_opens_in_the_sqlite3_cli(tmp_path: Path) -> None:
 
 
 def test_the_ledger_opens_in_the_sqlite_utils_cli(tmp_path: Path) -> None:
-    import json
     import shutil
-    import sys
 
     cli = shutil.which("sqlite-utils", path=str(Path(sys.executable).parent)) or shutil.which(
         "sqlite-utils"

@@ -100,7 +100,7 @@ def deployments(
     if model is not None:
         sql += " AND model = ?"
         args.append(model)
-    rows = list(ledger.db.query(sql + " ORDER BY id", args))
+    rows = list(ledger.query(sql + " ORDER BY id", args))
     for row in rows:
         row["route"] = json.loads(row["route"]) if row["route"] else None
         row["created"] = bool(row["created"])

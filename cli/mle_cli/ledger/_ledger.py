@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from mle_cli.ledger._schema import migrate
 from mle_cli.states import FINAL, Status
 from mle_proto.errors import MleError, NotFound
@@ -88,11 +86,16 @@ class Ledger:
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open the ledger {path}: {e}") from None
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
 
     def close(self) -> None:
         """Close the connection."""
         self.conn.close()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        """Run a SELECT now; its rows, as dicts by column name, are fetched as they are read."""
+        cursor = self.conn.execute(sql, params)
+        columns = [d[0] for d in cursor.description]
+        return (dict(zip(columns, row, strict=True)) for row in cursor)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -125,31 +128,31 @@ class Ledger:
         plan_hash: str = "",
     ) -> None:
         """Record a new run, its plan (JSON, for resume) and its steps (id, target, needs)."""
-        now = time.time()
-        self.db.table("runs").insert(
-            {
-                "id": run_id,
-                "recipe": recipe,
-                "source": source,
-                "recipe_digest": recipe_digest,
-                "params": json.dumps(params, sort_keys=True),
-                "status": Status.PENDING,
-                "created": now,
-                "plan": plan or None,
-                "plan_hash": plan_hash or None,
-            }
+        run = (
+            run_id,
+            recipe,
+            source,
+            recipe_digest,
+            json.dumps(params, sort_keys=True),
+            Status.PENDING,
+            time.time(),
+            plan or None,
+            plan_hash or None,
         )
-        self.db.table("steps").insert_all(
-            {
-                "run_id": run_id,
-                "step_id": step_id,
-                "position": i,
-                "status": Status.PENDING,
-                "target": target,
-                "needs": json.dumps(list(needs)),
-            }
-            for i, (step_id, target, needs) in enumerate(steps)
-        )
+        with self.transaction():  # the run and its steps, or nothing
+            self.conn.execute(
+                "INSERT INTO runs (id, recipe, source, recipe_digest, params, status, created, "
+                "plan, plan_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                run,
+            )
+            self.conn.executemany(
+                "INSERT INTO steps (run_id, step_id, position, status, target, needs) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (run_id, step_id, i, Status.PENDING, target, json.dumps(list(needs)))
+                    for i, (step_id, target, needs) in enumerate(steps)
+                ],
+            )
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Set fields of a run (status, started, finished, message...)."""
@@ -164,14 +167,17 @@ class Ledger:
     ) -> None:
         """Record that an attempt is being dispatched to an agent."""
         now = time.time()
-        self.conn.execute(
-            "INSERT INTO attempts (task_id, run_id, step_id, attempt, agent, address, status, "
-            "started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
-            "run_id = excluded.run_id, step_id = excluded.step_id, attempt = excluded.attempt, "
-            "agent = excluded.agent, address = excluded.address, status = excluded.status, "
-            "started = excluded.started",
-            (task_id, run_id, step_id, attempt, agent, address, Status.RUNNING, now),
-        )
+        row = {
+            "task_id": task_id,
+            "run_id": run_id,
+            "step_id": step_id,
+            "attempt": attempt,
+            "agent": agent,
+            "address": address,
+            "status": Status.RUNNING,
+            "started": now,
+        }
+        self._upsert("attempts", ("task_id",), [row])
         self.conn.execute(
             "UPDATE steps SET status = ?, attempts = ?, started = coalesce(started, ?) "
             "WHERE run_id = ? AND step_id = ?",
@@ -183,8 +189,7 @@ class Ledger:
         self._update("attempts", {"task_id": task_id}, fields)
 
     def _update(self, table: str, key: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
-        """UPDATE one row in plain SQL: these run for every step, and sqlite-utils reads the
-        table's schema on every call (a tenth of a millisecond each, on the dispatch path)."""
+        """UPDATE one row; the column names go into the SQL text, so they are checked first."""
         names = [*fields, *key]
         if not all(_COLUMN.fullmatch(name) for name in names):
             raise ValueError(f"not a column name: {names}")
@@ -193,6 +198,23 @@ class Ledger:
         sql = f"UPDATE {table} SET {columns} WHERE {where}"  # noqa: S608 - names checked above
         if self.conn.execute(sql, (*fields.values(), *key.values())).rowcount == 0:
             raise NotFound(f"no row in {table} with {dict(key)}")
+
+    def _upsert(self, table: str, pk: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        """INSERT rows (all with the same columns); one whose primary key is already there gets
+        the given columns updated and keeps the others."""
+        if not rows:
+            return
+        names = list(rows[0])
+        if not all(_COLUMN.fullmatch(name) for name in names) or not set(pk) <= set(names):
+            raise ValueError(f"not columns with the primary key {pk}: {names}")
+        columns = ", ".join(names)
+        values = ", ".join(f":{name}" for name in names)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in names if name not in pk)
+        sql = (
+            f"INSERT INTO {table} ({columns}) VALUES ({values}) "  # noqa: S608 - names checked
+            f"ON CONFLICT ({', '.join(pk)}) DO UPDATE SET {updates}"
+        )
+        self.conn.executemany(sql, rows)
 
     def finish_attempt(
         self,
@@ -241,23 +263,21 @@ class Ledger:
             }
             for name, value in metrics.items()
         ]
-        self.db.table("metrics").upsert_all(rows, pk=("run_id", "step_id", "name"))
+        self._upsert("metrics", ("run_id", "step_id", "name"), rows)
 
     def record_approval(
         self, run_id: str, step_id: str, *, decision: str, who: str, reason: str = ""
     ) -> None:
         """Record who approved or rejected a gate, and why."""
-        self.db.table("approvals").upsert(
-            {
-                "run_id": run_id,
-                "step_id": step_id,
-                "decision": decision,
-                "who": who,
-                "reason": reason,
-                "time": time.time(),
-            },
-            pk=("run_id", "step_id"),
-        )
+        row = {
+            "run_id": run_id,
+            "step_id": step_id,
+            "decision": decision,
+            "who": who,
+            "reason": reason,
+            "time": time.time(),
+        }
+        self._upsert("approvals", ("run_id", "step_id"), [row])
 
     def record_events(self, events: Iterable[EventRecord]) -> None:
         """Insert events; a (task_id, seq) already recorded is ignored (idempotent replay)."""
@@ -278,24 +298,19 @@ class Ledger:
 
     def record_artifacts(self, artifacts: Iterable[ArtifactRecord]) -> None:
         """Record the declared outputs of a step."""
-        artifacts = list(artifacts)
-        if not artifacts:
-            return
         now = time.time()
-        self.db.table("artifacts").upsert_all(
-            (
-                {
-                    "run_id": a.run_id,
-                    "step_id": a.step_id,
-                    "path": a.path,
-                    "digest": a.digest,
-                    "size": a.size,
-                    "created": now,
-                }
-                for a in artifacts
-            ),
-            pk=("run_id", "step_id", "path"),
-        )
+        rows = [
+            {
+                "run_id": a.run_id,
+                "step_id": a.step_id,
+                "path": a.path,
+                "digest": a.digest,
+                "size": a.size,
+                "created": now,
+            }
+            for a in artifacts
+        ]
+        self._upsert("artifacts", ("run_id", "step_id", "path"), rows)
 
     def request_cancel(self, run_id: str) -> None:
         """Ask the scheduler driving this run to cancel it."""
@@ -348,7 +363,7 @@ class Ledger:
     def runs(self, limit: int = 20) -> list[Row]:
         """The latest runs, newest first, with their step counts."""
         return list(
-            self.db.query(
+            self.query(
                 "SELECT r.id, r.recipe, r.status, r.created, r.started, r.finished, r.message, "
                 "count(s.step_id) AS steps, "
                 "sum(s.status = 'succeeded') AS succeeded, sum(s.status = 'failed') AS failed "
@@ -360,7 +375,7 @@ class Ledger:
 
     def run(self, run_id: str) -> Row:
         """One run with its params decoded."""
-        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        rows = list(self.query("SELECT * FROM runs WHERE id = ?", [run_id]))
         if not rows:
             raise NotFound(f"no run {run_id!r}")
         row = rows[0]
@@ -370,9 +385,7 @@ class Ledger:
 
     def steps(self, run_id: str) -> list[Row]:
         """The steps of a run in plan order."""
-        rows = list(
-            self.db.query("SELECT * FROM steps WHERE run_id = ? ORDER BY position", [run_id])
-        )
+        rows = list(self.query("SELECT * FROM steps WHERE run_id = ? ORDER BY position", [run_id]))
         for row in rows:
             row["needs"] = json.loads(row["needs"])
         return rows
@@ -380,7 +393,7 @@ class Ledger:
     def attempts(self, run_id: str) -> list[Row]:
         """Every attempt of a run, by step then attempt number."""
         return list(
-            self.db.query(
+            self.query(
                 "SELECT * FROM attempts WHERE run_id = ? ORDER BY step_id, attempt", [run_id]
             )
         )
@@ -388,7 +401,7 @@ class Ledger:
     def artifacts(self, run_id: str) -> list[Row]:
         """The recorded outputs of a run."""
         return list(
-            self.db.query(
+            self.query(
                 "SELECT a.step_id, a.path, a.digest, a.size FROM artifacts a "
                 "JOIN steps s ON s.run_id = a.run_id AND s.step_id = a.step_id "
                 "WHERE a.run_id = ? ORDER BY s.position, a.path",
@@ -410,9 +423,9 @@ class Ledger:
             sql += " AND e.step_id = ?"
             args.append(step_id)
         sql += " ORDER BY e.rowid"
-        rows = list(self.db.query(sql, args))
+        rows = list(self.query(sql, args))
         return rows[-tail:] if tail else rows
 
     def events(self, task_id: str) -> list[Row]:
         """Every event of one attempt, by seq."""
-        return list(self.db.query("SELECT * FROM events WHERE task_id = ? ORDER BY seq", [task_id]))
+        return list(self.query("SELECT * FROM events WHERE task_id = ? ORDER BY seq", [task_id]))

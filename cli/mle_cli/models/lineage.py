@@ -102,7 +102,7 @@ def model_lineage(ledger: Ledger, ref: ModelRef, target: str | None = None) -> d
 def run_models(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
     """Deployments of the files a run produced, oldest first, each with its state now."""
     rows = list(
-        ledger.db.query("SELECT * FROM deployments WHERE source_run = ? ORDER BY id", [run_id])
+        ledger.query("SELECT * FROM deployments WHERE source_run = ? ORDER BY id", [run_id])
     )
     history = _histories(ledger, {(r["target"], r["model"]) for r in rows})
     return [
@@ -126,7 +126,7 @@ def run_models(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
 def placements(ledger: Ledger, digest: str) -> list[dict[str, Any]]:
     """Every (target, model, version) this file was deployed as, with what it does now."""
     rows = list(
-        ledger.db.query(
+        ledger.query(
             "SELECT * FROM deployments WHERE digest = ? AND action = 'deploy' ORDER BY id",
             [digest],
         )
