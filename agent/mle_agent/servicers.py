@@ -115,6 +115,13 @@ class AgentServicer(pb_grpc.AgentServicer):
         async for event in self._manager.watch(request.task_id, request.after_seq):
             yield event
 
+    @_streaming
+    async def RunTask(self, request: pb.TaskSpec, context: Context) -> AsyncIterator[pb.TaskEvent]:
+        """Accept a task (idempotent on task_id), then replay and follow its events."""
+        await self._manager.start(request)
+        async for event in self._manager.watch(request.task_id, 0):
+            yield event
+
     @_unary
     async def CancelTask(self, request: pb.CancelTaskRequest, context: Context) -> pb.TaskHandle:
         """Cancel a task and kill its process tree."""

@@ -97,11 +97,10 @@ class AttemptRunner:
         self._running[task_id] = (executor, task_id)
         started()
         try:
-            await executor.start(request)
-            faults.point("task-started")
-            if self._cancel_reason:  # the run was cancelled while the task was starting
-                await self.cancel_quietly(executor, task_id, self._cancel_reason)
-            update = await self._follow(executor, request, after_seq or 0)
+            if after_seq is not None:  # its task may or may not have reached the agent
+                await executor.start(request)
+                await self._on_started(executor, task_id)
+            update = await self._follow(executor, request, after_seq)
         except MleError as e:  # it cannot be started or followed: close it, stop its task
             update = result(Status.FAILED, str(e))
             self._write(lambda led: _finish(led, task_id, update))
@@ -112,10 +111,18 @@ class AttemptRunner:
             await self._fence(executor, request, update)
         return update
 
-    async def _follow(self, executor: Executor, request: TaskRequest, after: int) -> TaskUpdate:
-        """Record the task's events until its result, unless its agent goes silent too long."""
-        seen = [after]
-        watcher = asyncio.create_task(self._watch(executor, request, seen))
+    async def _on_started(self, executor: Executor, task_id: str) -> None:
+        faults.point("task-started")
+        if self._cancel_reason:  # the run was cancelled while the task was starting
+            await self.cancel_quietly(executor, task_id, self._cancel_reason)
+
+    async def _follow(
+        self, executor: Executor, request: TaskRequest, after: int | None
+    ) -> TaskUpdate:
+        """Start the task unless `after` says it was (then follow it from there), and record its
+        events until its result, unless its agent goes silent too long."""
+        seen = [after or 0]
+        watcher = asyncio.create_task(self._watch(executor, request, seen, fresh=after is None))
         try:
             while True:
                 done, _ = await asyncio.wait({watcher}, timeout=self._check)
@@ -129,11 +136,19 @@ class AttemptRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
-    async def _watch(self, executor: Executor, request: TaskRequest, seen: list[int]) -> TaskUpdate:
+    async def _watch(
+        self, executor: Executor, request: TaskRequest, seen: list[int], *, fresh: bool
+    ) -> TaskUpdate:
         failing_since: float | None = None
         while True:
             try:
-                async for update in executor.watch(request.task_id, seen[0]):
+                stream = (
+                    executor.run(request) if fresh else executor.watch(request.task_id, seen[0])
+                )
+                async for update in stream:
+                    if fresh:  # its first event: the agent has the task
+                        fresh = False
+                        await self._on_started(executor, request.task_id)
                     failing_since = None
                     seen[0] = max(seen[0], update.seq)
                     if update.kind == "result":
@@ -143,6 +158,8 @@ class AttemptRunner:
                         self._ack_later(executor, request.task_id, update.seq)
                         return update
             except AgentUnavailable as e:
+                if fresh:  # never started: the attempt fails at once, as a refused start does
+                    raise
                 failing_since = failing_since or time.monotonic()
                 # Without heartbeats (silent_for stays 0), a stream failing this long is a loss.
                 if time.monotonic() - failing_since > self._grace:

@@ -84,6 +84,11 @@ class Executor(Protocol):
         """Start the task (idempotent on task_id)."""
         ...
 
+    def run(self, request: TaskRequest) -> AsyncIterator[TaskUpdate]:
+        """Start the task (idempotent on its id) and stream its events from the first, live,
+        ending with the result. Errors before the first event are `start`'s."""
+        ...
+
     def watch(self, task_id: str, after_seq: int) -> AsyncIterator[TaskUpdate]:
         """Events after after_seq, live, ending with the result."""
         ...

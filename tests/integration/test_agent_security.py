@@ -62,9 +62,11 @@ def _calls(agent: Agent, *, refused: bool) -> dict[str, Callable[[Any], Any]]:
         "GetInfo": lambda md: _unary(a.GetInfo, pb.GetInfoRequest(), md),
         "StartTask": lambda md: _unary(a.StartTask, spec, md),
         "WatchTask": lambda md: _stream(a.WatchTask, pb.WatchTaskRequest(task_id="x"), md),
+        "RunTask": lambda md: _stream(a.RunTask, pb.TaskSpec(task_id="r.run.1", shell="true"), md),
         "CancelTask": lambda md: _unary(a.CancelTask, pb.CancelTaskRequest(task_id="x"), md),
         "ListTasks": lambda md: _unary(a.ListTasks, pb.ListTasksRequest(), md),
         "Ack": lambda md: _unary(a.Ack, pb.AckRequest(task_id="x"), md),
+        "Heartbeat": lambda md: _stream(a.Heartbeat, pb.HeartbeatRequest(), md),
         "Stat": lambda md: _unary(s.Stat, pb.StatRequest(), md),
         "Put": (
             (lambda md: _put_headers_only(s.Put, md))
@@ -109,6 +111,9 @@ def test_the_right_token_is_accepted_everywhere(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_agent(agent_settings(tmp_path), token=TOKEN) as agent:
             calls = _calls(agent, refused=False)
+            for service in ("Agent", "Artifacts"):  # a new method gets a case above
+                methods = pb.DESCRIPTOR.services_by_name[service].methods
+                assert {m.name for m in methods} <= set(calls), service
             for name in ("GetInfo", "StartTask", "ListTasks", "Stat", "Put", "Health.Check"):
                 await calls[name](agent.metadata)
             assert (await agent.result("r.auth.1")).state == pb.TASK_STATE_SUCCEEDED

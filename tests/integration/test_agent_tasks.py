@@ -467,6 +467,25 @@ def test_list_tasks_and_ack_prunes_acked_events(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_run_task_starts_and_streams_in_one_call_and_is_idempotent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_agent(agent_settings(tmp_path)) as agent:
+            spec = pb.TaskSpec(task_id="r.one.1", shell="echo hi")
+            first = [e async for e in agent.agent.RunTask(spec, metadata=agent.metadata)]
+            assert [e.seq for e in first] == list(range(1, len(first) + 1))
+            assert first[0].state.state == pb.TASK_STATE_PENDING
+            assert first[-1].result.state == pb.TASK_STATE_SUCCEEDED
+            assert [e.log.text for e in first if e.HasField("log")] == ["hi"]
+            again = [e async for e in agent.agent.RunTask(spec, metadata=agent.metadata)]
+            assert again == first  # the same task, replayed: no second process
+            other = pb.TaskSpec(task_id="r.one.1", shell="echo else")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                _ = [e async for e in agent.agent.RunTask(other, metadata=agent.metadata)]
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    run(scenario())
+
+
 def test_one_ack_call_covers_several_tasks_and_skips_unknown_ones(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_agent(agent_settings(tmp_path)) as agent:

@@ -682,7 +682,7 @@ class AckRequest(_message.Message):
     @_builtins.property
     def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAck]:
         """More tasks acknowledged in the same call: the operator batches its acks. Unknown task ids
-        here are skipped (only task_id itself must exist). Agents of mle 0.1.0 ignore this field.
+        here are skipped (only task_id itself must exist).
         """
 
     def __init__(

@@ -50,6 +50,11 @@ class AgentStub:
                 request_serializer=mle__proto_dot_v1_dot_agent__pb2.WatchTaskRequest.SerializeToString,
                 response_deserializer=mle__proto_dot_v1_dot_agent__pb2.TaskEvent.FromString,
                 _registered_method=True)
+        self.RunTask = channel.unary_stream(
+                '/mle.v1.Agent/RunTask',
+                request_serializer=mle__proto_dot_v1_dot_agent__pb2.TaskSpec.SerializeToString,
+                response_deserializer=mle__proto_dot_v1_dot_agent__pb2.TaskEvent.FromString,
+                _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/mle.v1.Agent/CancelTask',
                 request_serializer=mle__proto_dot_v1_dot_agent__pb2.CancelTaskRequest.SerializeToString,
@@ -93,6 +98,14 @@ class AgentServicer:
     def WatchTask(self, request, context):
         """Streams a task's events with seq > after_seq: replays the outbox, then follows live,
         and ends after the final event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunTask(self, request, context):
+        """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
+        idempotent on task_id like StartTask; its errors are StartTask's, before any event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +156,11 @@ def add_AgentServicer_to_server(servicer, server):
             'WatchTask': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTask,
                     request_deserializer=mle__proto_dot_v1_dot_agent__pb2.WatchTaskRequest.FromString,
+                    response_serializer=mle__proto_dot_v1_dot_agent__pb2.TaskEvent.SerializeToString,
+            ),
+            'RunTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunTask,
+                    request_deserializer=mle__proto_dot_v1_dot_agent__pb2.TaskSpec.FromString,
                     response_serializer=mle__proto_dot_v1_dot_agent__pb2.TaskEvent.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
@@ -247,6 +265,33 @@ class Agent:
             target,
             '/mle.v1.Agent/WatchTask',
             mle__proto_dot_v1_dot_agent__pb2.WatchTaskRequest.SerializeToString,
+            mle__proto_dot_v1_dot_agent__pb2.TaskEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mle.v1.Agent/RunTask',
+            mle__proto_dot_v1_dot_agent__pb2.TaskSpec.SerializeToString,
             mle__proto_dot_v1_dot_agent__pb2.TaskEvent.FromString,
             options,
             channel_credentials,

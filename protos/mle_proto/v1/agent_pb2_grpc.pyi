@@ -45,6 +45,10 @@ class AgentStub:
     """Streams a task's events with seq > after_seq: replays the outbox, then follows live,
     and ends after the final event.
     """
+    RunTask: _grpc.UnaryStreamMultiCallable[_agent_pb2.TaskSpec, _agent_pb2.TaskEvent]
+    """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
+    idempotent on task_id like StartTask; its errors are StartTask's, before any event.
+    """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.TaskHandle]
     """Cancels a task: its whole process tree is killed."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListTasksRequest, _agent_pb2.ListTasksResponse]
@@ -68,6 +72,10 @@ class AgentAsyncStub(AgentStub):
     WatchTask: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchTaskRequest, _agent_pb2.TaskEvent]  # type: ignore[assignment]
     """Streams a task's events with seq > after_seq: replays the outbox, then follows live,
     and ends after the final event.
+    """
+    RunTask: _aio.UnaryStreamMultiCallable[_agent_pb2.TaskSpec, _agent_pb2.TaskEvent]  # type: ignore[assignment]
+    """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
+    idempotent on task_id like StartTask; its errors are StartTask's, before any event.
     """
     CancelTask: _aio.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.TaskHandle]  # type: ignore[assignment]
     """Cancels a task: its whole process tree is killed."""
@@ -107,6 +115,16 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.TaskEvent], _abc.AsyncIterator[_agent_pb2.TaskEvent]]:
         """Streams a task's events with seq > after_seq: replays the outbox, then follows live,
         and ends after the final event.
+        """
+
+    @_abc_1.abstractmethod
+    def RunTask(
+        self,
+        request: _agent_pb2.TaskSpec,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.TaskEvent], _abc.AsyncIterator[_agent_pb2.TaskEvent]]:
+        """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
+        idempotent on task_id like StartTask; its errors are StartTask's, before any event.
         """
 
     @_abc_1.abstractmethod
