@@ -360,13 +360,13 @@ def _owns_group(pgid: int, started: float) -> bool:
 
 
 def _group_alive(pgid: int, started: float) -> bool:
-    if pgid <= 1 or not _owns_group(pgid, started):
+    if pgid <= 1:
         return False
     try:
-        os.killpg(pgid, 0)
+        os.killpg(pgid, 0)  # the cheap test first: most often the group is gone
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    return _owns_group(pgid, started)
 
 
 def _signal_group(pgid: int, started: float, sig: signal.Signals) -> None:
