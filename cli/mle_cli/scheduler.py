@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Protocol
 
 from mle_cli import faults, gates
@@ -104,6 +106,11 @@ class Scheduler:
         self._options = options or SchedulerOptions()
         self._prior = dict(prior or {})
         self._steps = {s.id: self._initial(s) for s in plan.steps}
+        self._position = {s.id: i for i, s in enumerate(plan.steps)}
+        self._dependents: dict[str, list[Step]] = {s.id: [] for s in plan.steps}
+        for step in plan.steps:
+            for need in step.needs:
+                self._dependents[need].append(step)
         self._cancel_reason = ""
         self._cancelled = asyncio.Event()
         self._attempts = AttemptRunner(
@@ -192,17 +199,21 @@ class Scheduler:
         return await self._finish(started)
 
     async def _drive(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        live: set[asyncio.Task[None]] = set()
+        candidates: Iterable[Step] = self.plan.steps
         while True:
-            self._settle_blocked()
-            for step in self._ready(tasks):
+            for step in self._settle(candidates, tasks):
                 tasks[step.id] = asyncio.create_task(self._run_step(step), name=step.id)
-            live = [t for t in tasks.values() if not t.done()]
+                live.add(tasks[step.id])
             if not live:
                 break
-            await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks.values():
-                if task.done() and not task.cancelled() and task.exception() is not None:
+            done, live = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
                     task.result()  # surface a bug at once instead of hiding it
+            # Only a finished step's dependants can change, unless the run was cancelled.
+            finished = (self._dependents[task.get_name()] for task in done)
+            candidates = self.plan.steps if self._cancelled.is_set() else chain(*finished)
 
     async def _abandon(self, error: Exception) -> None:
         message = f"internal error: {type(error).__name__}: {error}"
@@ -214,16 +225,33 @@ class Scheduler:
 
     # -- the DAG ----------------------------------------------------------------------------------
 
-    def _ready(self, tasks: Mapping[str, asyncio.Task[None]]) -> list[Step]:
-        if self._cancelled.is_set():
-            return []
-        return [
-            step
-            for step in self.plan.steps
-            if step.id not in tasks
-            and self._steps[step.id].status == Status.PENDING
-            and self._needs_met(step)
-        ]
+    def _settle(self, candidates: Iterable[Step], tasks: Mapping[str, object]) -> list[Step]:
+        """Of these pending steps, and the dependants of those it closes: close the ones that can
+        never run (skipped after a failed need, cancelled after a cancel), in plan order; return
+        the ones ready to start. Only the candidates are looked at: a run of N steps is not
+        O(N²)."""
+        heap = [self._position[s.id] for s in candidates]
+        heapq.heapify(heap)
+        ready: dict[str, Step] = {}
+        while heap:
+            step = self.plan.steps[heapq.heappop(heap)]
+            outcome = self._steps[step.id]
+            if outcome.status != Status.PENDING or step.id in tasks or step.id in ready:
+                continue
+            need = None if self._cancelled.is_set() else self._blocker(step)
+            if self._cancelled.is_set():
+                self.set_status(outcome, Status.CANCELLED, self._cancel_reason)
+            elif need is not None:
+                # Downstream of a cancelled step is cancelled too; of a failure, skipped.
+                status = Status.CANCELLED if need.status == Status.CANCELLED else Status.SKIPPED
+                self.set_status(outcome, status, f"needs {need.step_id}, which {need.status}")
+            else:
+                if self._needs_met(step):
+                    ready[step.id] = step
+                continue
+            for dependant in self._dependents[step.id]:
+                heapq.heappush(heap, self._position[dependant.id])
+        return list(ready.values())
 
     def _needs_met(self, step: Step) -> bool:
         needs = [self._steps[n].status for n in step.needs]
@@ -240,21 +268,6 @@ class Scheduler:
             if step.trigger == "none-failed" and outcome.status in _BAD | {Status.CANCELLED}:
                 return outcome
         return None
-
-    def _settle_blocked(self) -> None:
-        """Mark steps that can never run: skipped after a failed need, cancelled after a cancel."""
-        for step in self.plan.steps:
-            outcome = self._steps[step.id]
-            if outcome.status != Status.PENDING:
-                continue
-            if self._cancelled.is_set():
-                self.set_status(outcome, Status.CANCELLED, self._cancel_reason)
-                continue
-            need = self._blocker(step)
-            if need is not None:
-                # Downstream of a cancelled step is cancelled too; of a failure, skipped.
-                status = Status.CANCELLED if need.status == Status.CANCELLED else Status.SKIPPED
-                self.set_status(outcome, status, f"needs {need.step_id}, which {need.status}")
 
     def _context(self) -> dict[str, Any]:
         """What templates and `when:` see of the run so far."""

@@ -53,17 +53,17 @@ class Recorder:
         pass
 
 
-def _project(tmp_path: Path) -> Path:
+def _project(tmp_path: Path, text: str) -> Path:
     (tmp_path / "tool.sh").write_text('echo "made by tool: $1"\n')
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(text)
     return recipe
 
 
 async def _run_plan(
-    tmp_path: Path, executor: Executor, store: ArtifactStore
+    tmp_path: Path, executor: Executor, store: ArtifactStore, text: str = RECIPE
 ) -> tuple[Status, Recorder]:
-    plan = compile_recipe(_project(tmp_path))
+    plan = compile_recipe(_project(tmp_path, text))
     for shipped in plan.files:
         store.put_file(shipped.source)
     writer = LedgerWriter(tmp_path / "ledger.db")
@@ -132,6 +132,50 @@ def test_files_are_shipped_and_outputs_fetched_across_stores(tmp_path: Path) -> 
     assert twice == "made by tool: ship\n" * 2
     events = ledger.events("run1.use.1")
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    ledger.close()
+
+
+TRIGGERS = """\
+name: triggers
+steps:
+  a: {run: exit 3}
+  b: {run: 'true', needs: [a]}
+  c: {run: 'true', needs: [b]}
+  d: {run: 'true', needs: [a], trigger: all-done}
+  e: {run: 'true', needs: [b], trigger: none-failed}
+  f: {run: 'true', needs: [d, c]}
+  g: {run: 'true', needs: [e, d], trigger: none-failed}
+  h: {run: 'true'}
+"""
+
+
+def test_a_failure_closes_exactly_the_steps_its_trigger_rules_say(tmp_path: Path) -> None:
+    async def scenario() -> tuple[Status, Recorder]:
+        async with running_agent(agent_settings(tmp_path), token=TOKEN) as agent:
+            endpoint = Endpoint("edge", f"127.0.0.1:{agent.port}", TOKEN)
+            conn = await connect(endpoint, rpc_timeout=10)
+            try:
+                return await _run_plan(tmp_path, conn, ArtifactStore(tmp_path / "s"), TRIGGERS)
+            finally:
+                await conn.close()
+
+    status, recorder = run(scenario())
+    assert status == Status.FAILED
+    final = {step: statuses[-1] for step, statuses in recorder.statuses.items()}
+    assert final == {
+        "a": Status.FAILED,
+        "b": Status.SKIPPED,  # after a failure
+        "c": Status.SKIPPED,  # after a skip, transitively
+        "d": Status.SUCCEEDED,  # all-done: runs once a is final, whatever it became
+        "e": Status.SUCCEEDED,  # none-failed: a skipped need is not a failure
+        "f": Status.SKIPPED,
+        "g": Status.SUCCEEDED,
+        "h": Status.SUCCEEDED,
+    }
+    ledger = Ledger(tmp_path / "ledger.db")
+    assert {s["step_id"]: s["status"] for s in ledger.steps("run1")} == {
+        k: v.value for k, v in final.items()
+    }
     ledger.close()
 
 
