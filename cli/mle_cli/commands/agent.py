@@ -11,7 +11,7 @@ from mle_cli.commands._common import settings_from
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Manage agents.", no_args_is_help=True)
+app = typer.Typer(help="Manage agents.", no_args_is_help=True, rich_markup_mode=None)
 # Remote agents arrive with `--target`; until then `--local` (the default) is the only choice.
 LocalOpt = Annotated[bool, typer.Option("--local", help="The embedded local agent (default).")]
 

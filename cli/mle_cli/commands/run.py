@@ -14,7 +14,12 @@ __all__ = ["register"]
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe file (YAML).", show_default=False)]
 ParamOpt = Annotated[
     list[str] | None,
-    typer.Option("--param", "-p", help="Override a recipe param: -p epochs=20 (repeatable)."),
+    typer.Option(
+        "--param",
+        "-p",
+        help="Override a recipe param: -p epochs=20 (repeatable).",
+        metavar="KEY=VALUE",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 LiveOpt = Annotated[
