@@ -6,9 +6,24 @@ local agent, and reports wall / steps. Side by side, in the same run, it does th
 `/bin/sh -c true` process per step, chained and fanned out at the agent's concurrency, its cpu
 count) in each peer that is installed (`pip install -e '.[bench]'`), and always against a floor:
 spawning the same processes directly from Python.
-- Prefect 3 in its default local mode (ephemeral API server, throwaway PREFECT_HOME), run by
-  bench/prefect_peer.py in its own process, with `--prefect-python` (default: this Python).
-- Dask distributed's LocalCluster, in this process.
+
+Each peer is measured two ways:
+- per run (a new process each; agent / Prefect server kept running), as a user runs it: every
+  `mle run recipe.yaml` is a new CLI process talking to the running agent; every Prefect run is
+  a new `python bench/prefect_peer.py --once ...` process (`python flow.py`: interpreter start,
+  `import prefect`, one flow run, exit) with PREFECT_API_URL pointing at a `prefect server start`
+  started once (throwaway PREFECT_HOME, own process group, stopped at the end); every Dask run a
+  new `python bench/dask_peer.py` process whose Client connects to a `dask scheduler` with one
+  `dask worker --nthreads 1` process per cpu kept running. Timed from launch to exit; best of
+  `--repeat` after one untimed warm-up run. These processes get the user's environment
+  (`user_env()`: bytecode cached, as installed packages have it). `--no-per-run` skips the
+  peers' part of it (mle's runs are per run anyway); `--one-prefect-server` (quick runs, CI) runs
+  the in-process Prefect measure against that same server instead of booting an ephemeral one.
+- in-process (Prefect's and Dask's best case: no interpreter start, no import): Prefect 3 in its
+  default local mode (ephemeral API server, throwaway PREFECT_HOME), run by
+  bench/prefect_peer.py in one process of its own that runs the flows back to back; Dask
+  distributed's LocalCluster, in this process.
+Prefect runs with `--prefect-python` (default: this Python).
 
 Per-step figures come from warm runs (the agent started, the Prefect server booted, the cluster
 up); each runtime's cold start-up and its fixed cost per run (a 1-step run) are reported apart.
@@ -23,7 +38,7 @@ and its rows in `markdown_section()`.
 
 Usage: bench/dispatch.py [--steps 100] [--repeat 3] [--out bench/RESULTS.md]
                          [--prefect-python PATH] [--resume-steps 200]
-                         [--section all|dispatch|resume]
+                         [--section all|dispatch|resume] [--no-per-run | --one-prefect-server]
 """
 
 from __future__ import annotations
@@ -34,19 +49,23 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_PEER = Path(__file__).resolve().parent / "prefect_peer.py"
+DASK_PEER = Path(__file__).resolve().parent / "dask_peer.py"
 
 # Prefect's settings for the run, on top of a fresh PREFECT_HOME and no inherited PREFECT_*
 # (so no PREFECT_API_URL: the ephemeral server). They only silence it; all are in the results.
@@ -210,6 +229,100 @@ def measure_floor(r: Results, n: int, repeat: int, workers: int) -> None:
     r.figures["floor_fanout_s"] = best(lambda: floor_fanout(n, workers), repeat)
 
 
+# --- services kept running for the per-run measures ----------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it if anything is left after `grace`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not group_alive(proc.pid):
+                return
+            time.sleep(0.05)
+    if proc.poll() is None:
+        proc.wait(grace)
+
+
+@contextmanager
+def service(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A long-running command in a process group of its own, its output to `log`; stopped (the
+    whole group, children too) on exit, however the block ends."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def wait_ready(
+    ready: Callable[[], bool], services: dict[Path, subprocess.Popen[bytes]], timeout: float
+) -> str | None:
+    """None once `ready()` is true; else why not: a service (by its log) ended, or `timeout` s
+    passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for log, proc in services.items():
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                return f"{log.stem} exited ({proc.returncode}): {tail[0]}"
+        if ready():
+            return None
+        time.sleep(0.2)
+    return f"{', '.join(log.stem for log in services)} not ready after {timeout:.0f} s"
+
+
+def run_checked(argv: list[str], env: dict[str, str], what: str) -> None:
+    """Run a peer's one-run process, which must succeed."""
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def measure_per_run(
+    r: Results,
+    rt: str,
+    once: Callable[[str, int], list[str]],
+    env: dict[str, str],
+    n: int,
+    repeat: int,
+) -> None:
+    """Best-of-`repeat` walls of new processes, launch to exit, after an untimed warm-up:
+    `once(flow, steps)` is the argv of one run of a 1-step chain, the N-step chain, the fan-out."""
+    run_checked(once("chain", 1), env, f"{rt}: warm-up run")
+    for key, flow, steps in (
+        ("one_step", "chain", 1),
+        ("chain", "chain", n),
+        ("fanout", "fanout", n),
+    ):
+        run = partial(run_checked, once(flow, steps), env, f"{rt}: {steps}-step {flow}")
+        r.figures[f"{rt}_{key}_s"] = best(partial(timed, run), repeat)
+
+
 # --- Dask ----------------------------------------------------------------------------------------
 
 
@@ -250,17 +363,63 @@ def measure_dask(r: Results, n: int, repeat: int, workers: int) -> None:
         r.figures["dask_fanout_s"] = best(lambda: timed(fanout), repeat)
 
 
+def measure_dask_per_run(r: Results, n: int, repeat: int, workers: int) -> None:
+    """A new client process per run (bench/dask_peer.py), on a `dask scheduler` and `workers`
+    `dask worker --nthreads 1` processes kept running."""
+    try:
+        from dask.distributed import Client
+    except ImportError as e:
+        r.skip("dask_run", f"{e}; `pip install -e '.[bench]'` to compare")
+        return
+    env = user_env()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    dask_cli = [sys.executable, "-m", "dask"]
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        logs = Path(tmp)
+        start = time.perf_counter()
+        host, port = address.removeprefix("tcp://").split(":")
+        scheduler = [*dask_cli, "scheduler", "--host", host, "--port", port, "--no-dashboard"]
+        log = logs / "dask-scheduler.log"
+        services = {log: stack.enter_context(service(scheduler, env, log))}
+        worker = [*dask_cli, "worker", address, "--nthreads", "1", "--no-dashboard"]
+        worker += ["--local-directory", tmp]
+        for i in range(workers):
+            log = logs / f"dask-worker-{i}.log"
+            services[log] = stack.enter_context(service(worker, env, log))
+
+        def ready() -> bool:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(workers, timeout=5)
+                return True
+            except (OSError, TimeoutError):
+                return False
+
+        if reason := wait_ready(ready, services, 120):
+            r.skip("dask_run", reason)
+            return
+        r.figures["dask_run_cluster_start_s"] = time.perf_counter() - start
+
+        def once(flow: str, steps: int) -> list[str]:
+            argv = [sys.executable, str(DASK_PEER), "--scheduler", address, "--once", flow]
+            return [*argv, "--steps", str(steps)]
+
+        measure_per_run(r, "dask_run", once, env, n, repeat)
+
+
 # --- Prefect 3 -----------------------------------------------------------------------------------
 
 
-def prefect_env(home: Path) -> dict[str, str]:
-    """This environment without PREFECT_* settings, plus PREFECT_SETTINGS and a fresh home."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def prefect_env(home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this environment) without PREFECT_* settings, plus PREFECT_SETTINGS and
+    a fresh home."""
+    items = (os.environ if base is None else base).items()
+    env = {k: v for k, v in items if not k.startswith("PREFECT_")}
     return {**env, **PREFECT_SETTINGS, "PREFECT_HOME": str(home)}
 
 
-def measure_prefect(r: Results, n: int, repeat: int, workers: int, python: str) -> None:
-    """Run bench/prefect_peer.py with `python` in a fresh PREFECT_HOME, if Prefect 3 is there."""
+def has_prefect_3(r: Results, peer: str, python: str) -> bool:
+    """Whether `python` imports Prefect 3; if not, `peer` is skipped with the reason."""
     probe = subprocess.run(
         [python, "-c", "import prefect; print(prefect.__version__)"],
         capture_output=True,
@@ -269,13 +428,24 @@ def measure_prefect(r: Results, n: int, repeat: int, workers: int, python: str) 
     version = probe.stdout.strip()
     if probe.returncode != 0 or not version.startswith("3."):
         reason = probe.stderr.strip().splitlines()[-1:] or [f"Prefect {version} is not 3.x"]
-        r.skip("prefect", f"{reason[0]}; `pip install -e '.[bench]'` to compare")
+        r.skip(peer, f"{reason[0]}; `pip install -e '.[bench]'` to compare")
+        return False
+    return True
+
+
+def measure_prefect(
+    r: Results, n: int, repeat: int, workers: int, python: str, api: str | None = None
+) -> None:
+    """Run bench/prefect_peer.py with `python` in a fresh PREFECT_HOME, if Prefect 3 is there:
+    in its ephemeral server, or with `api`, against that running server."""
+    if not has_prefect_3(r, "prefect", python):
         return
     with tempfile.TemporaryDirectory() as home:
         argv = [python, str(PREFECT_PEER), "--steps", str(n), "--repeat", str(repeat)]
+        env = prefect_env(Path(home))
         proc = subprocess.run(
             [*argv, "--workers", str(workers)],
-            env=prefect_env(Path(home)),
+            env=env if api is None else {**env, "PREFECT_API_URL": api},
             capture_output=True,
             text=True,
             timeout=1800,
@@ -286,6 +456,54 @@ def measure_prefect(r: Results, n: int, repeat: int, workers: int, python: str) 
     r.versions["prefect"] = out.pop("prefect_version")
     r.figures.update(out)
     r.figures["prefect_startup_s"] = out["prefect_import_s"] + out["prefect_first_flow_s"]
+    if api is not None:
+        r.figures["prefect_in_process_on_server"] = 1
+
+
+def api_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def measure_prefect_per_run(
+    r: Results, n: int, repeat: int, workers: int, python: str, in_process_too: bool = False
+) -> None:
+    """`python bench/prefect_peer.py --once ...` as a new process per run (`python flow.py`),
+    against a `prefect server start` kept running, with PREFECT_API_URL pointing at it.
+
+    `in_process_too`: run the in-process measure (`measure_prefect`) first, against the same
+    server instead of its ephemeral one: one server boot instead of two (for CI's small run)."""
+    if not has_prefect_3(r, "prefect_run", python):
+        if in_process_too:
+            r.skip("prefect", r.skipped["prefect_run"])
+        return
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    with tempfile.TemporaryDirectory() as home:
+        env = prefect_env(Path(home), user_env())
+        log = Path(home) / "prefect-server.log"
+        server = [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+        start = time.perf_counter()
+        with service([*server, "--port", str(port)], env, log) as proc:
+            if reason := wait_ready(lambda: api_healthy(api), {log: proc}, 120):
+                r.skip("prefect_run", reason)
+            else:
+                r.figures["prefect_run_server_start_s"] = time.perf_counter() - start
+                if in_process_too:
+                    measure_prefect(r, n, repeat, workers, python, api)
+
+                def once(flow: str, steps: int) -> list[str]:
+                    argv = [python, str(PREFECT_PEER), "--once", flow, "--steps", str(steps)]
+                    return [*argv, "--workers", str(workers)]
+
+                run_env = {**env, "PREFECT_API_URL": api}
+                measure_per_run(r, "prefect_run", once, run_env, n, repeat)
+                return
+    if in_process_too:  # no server: the in-process measure in its ephemeral one, as usual
+        measure_prefect(r, n, repeat, workers, python)
 
 
 # --- start-up ------------------------------------------------------------------------------------
@@ -478,19 +696,21 @@ def measure_resume(r: Results, steps: int, repeat: int) -> None:
 
 # --- report --------------------------------------------------------------------------------------
 
+# The table's columns; the peers measured per run are "dask_run" and "prefect_run" in the figures.
 RUNTIMES = ("mle", "floor", "dask", "prefect")
+PER_RUN = ("dask_run", "prefect_run")
 
 
 def summarize(f: dict[str, float], n: int) -> dict[str, float]:
     """Per-step overhead, throughput, and mle's ratios to the floor and to each peer."""
     s: dict[str, float] = {"help_extra_ms": 1000 * (f["help_s"] - f["python_pass_s"])}
-    for rt in RUNTIMES:
+    for rt in RUNTIMES + PER_RUN:
         if f"{rt}_chain_s" not in f:
             continue
         s[f"{rt}_chain_ms_per_step"] = 1000 * f[f"{rt}_chain_s"] / n
         s[f"{rt}_fanout_ms_per_step"] = 1000 * f[f"{rt}_fanout_s"] / n
         s[f"{rt}_fanout_steps_per_s"] = n / f[f"{rt}_fanout_s"]
-        if f"{rt}_one_step_s" in f and n > 1:
+        if f"{rt}_one_step_s" in f and n > 1 and rt not in PER_RUN:
             # What a step adds to a run once its fixed cost (a 1-step run) is paid. From in-flow
             # times where a peer has them: Prefect's walls are rounded up to whole seconds.
             kind = "_body" if f"{rt}_chain_body_s" in f else ""
@@ -504,25 +724,51 @@ def summarize(f: dict[str, float], n: int) -> dict[str, float]:
     return s
 
 
-def markdown_section(path: Path, n: int, repeat: int, r: Results, s: dict[str, float]) -> str:
-    """One dated section with the figures, the command and the peers' configuration."""
+def markdown_section(
+    path: Path,
+    n: int,
+    repeat: int,
+    r: Results,
+    s: dict[str, float],
+    per_run: bool = True,
+    flags: str = "",
+) -> str:
+    """One dated section with the figures, the command (`flags`: its other options) and the
+    peers' configuration."""
     f = r.figures
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     workers = os.cpu_count() or 1
+    per_run_heading = "per run (a new process each; agent / Prefect server kept running)"
+    in_process_heading = (
+        "in-process (Prefect's and Dask's best case: no interpreter start, no import)"
+    )
 
-    def cells(fmt: str, value: Callable[[str], float | None]) -> str:
+    def cells(
+        fmt: str, value: Callable[[str], float | None], columns: tuple[str | None, ...] = RUNTIMES
+    ) -> str:
         out = []
-        for rt in RUNTIMES:
+        for rt in columns:
             try:
-                v = value(rt)
+                v = None if rt is None else value(rt)
             except KeyError:
                 v = None
             out.append("n/a" if v is None else fmt.format(v))
         return " | ".join(out)
 
+    # The per-run rows: mle's own figures (each `mle run` is a new process), no floor.
+    run_columns = ("mle", None, "dask_run", "prefect_run")
+
+    def run_cells(fmt: str, value: Callable[[str], float | None]) -> str:
+        return cells(fmt, value, run_columns)
+
+    def not_run(rt: str) -> str:
+        if rt in PER_RUN and not per_run:
+            return "not measured: --no-per-run"
+        return r.skipped.get(rt, "not installed")
+
     def ratio(rt: str) -> str:
         if f"chain_ratio_mle_vs_{rt}" not in s:
-            return f"{rt}: not run ({r.skipped.get(rt, 'not installed')})"
+            return f"not run ({not_run(rt)})"
         return (
             f"chain {s[f'chain_ratio_mle_vs_{rt}']:.2f}×, "
             f"fan-out {s[f'fanout_ratio_mle_vs_{rt}']:.2f}×"
@@ -531,10 +777,17 @@ def markdown_section(path: Path, n: int, repeat: int, r: Results, s: dict[str, f
     prefect_conf = (
         f"Prefect {r.versions['prefect']}: `@flow(task_runner=ThreadPoolTaskRunner"
         f"(max_workers={workers}))`, `@task(cache_policy=NO_CACHE)`, steps `.submit()`ted "
-        "(chain: each gets the previous future); ephemeral API server (no PREFECT_API_URL), "
-        "fresh PREFECT_HOME, "
-        + ", ".join(f"`{k}={v}`" for k, v in PREFECT_SETTINGS.items())
-        + "; start-up = import + first 1-step flow (boots the server)."
+        "(chain: each gets the previous future); "
+        + (
+            "against the per-run measure's `prefect server start` (`--one-prefect-server`), "
+            "fresh PREFECT_HOME, "
+            + ", ".join(f"`{k}={v}`" for k, v in PREFECT_SETTINGS.items())
+            + "; start-up = import + first 1-step flow (the server already up)."
+            if "prefect_in_process_on_server" in f
+            else "ephemeral API server (no PREFECT_API_URL), fresh PREFECT_HOME, "
+            + ", ".join(f"`{k}={v}`" for k, v in PREFECT_SETTINGS.items())
+            + "; start-up = import + first 1-step flow (boots the server)."
+        )
         if "prefect" in r.versions
         else f"Prefect: not run ({r.skipped.get('prefect', '')})."
     )
@@ -545,13 +798,42 @@ def markdown_section(path: Path, n: int, repeat: int, r: Results, s: dict[str, f
         if "dask" in r.versions
         else f"Dask: not run ({r.skipped.get('dask', '')})."
     )
+    prefect_run_conf = (
+        "Prefect: the same flows, one run per `python bench/prefect_peer.py --once chain|fanout` "
+        "process (`python flow.py`: interpreter start, `import prefect`, the flow, exit), "
+        "with PREFECT_API_URL pointing at a `prefect server start --host 127.0.0.1` kept running "
+        f"(same settings and PREFECT_HOME; up in {f['prefect_run_server_start_s']:.1f} s, not "
+        "counted)²."
+        if "prefect_run_chain_s" in f
+        else f"Prefect: not run ({not_run('prefect_run')})."
+    )
+    dask_run_conf = (
+        f"Dask: a `dask scheduler` and {workers} `dask worker --nthreads 1` processes kept "
+        f"running (up in {f['dask_run_cluster_start_s']:.1f} s, not counted), one run per "
+        "`python bench/dask_peer.py` process (interpreter start, `import distributed`, a "
+        "`Client` connects, the tasks `client.submit(..., pure=False)`, the client closes, exit)."
+        if "dask_run_chain_s" in f
+        else f"Dask: not run ({not_run('dask_run')})."
+    )
+    command = f"python bench/dispatch.py --steps {n} --repeat {repeat} --out {path}{flags}"
     lines = [
         f"\n## dispatch — {time.strftime('%Y-%m-%d %H:%M')} ({machine})\n",
-        f"Command: `python bench/dispatch.py --steps {n} --repeat {repeat} --out {path}`; "
+        f"Command: `{command}`; "
         f"best of the repeats; warm runtimes; each step runs `true` in its own process; "
-        f"fan-out at a concurrency of {workers} everywhere (the agent's default slots).\n",
-        "| measure | mle | floor (direct spawn) | Dask LocalCluster | Prefect 3 | target |",
+        f"fan-out at a concurrency of {workers} everywhere (the agent's default slots). "
+        f"Two comparisons: **{per_run_heading}**, every run a new process timed from launch to "
+        f"exit, as a user runs `mle run recipe.yaml` or `python flow.py`; and "
+        f"**{in_process_heading}**: each peer runs its flows back to back in one process, "
+        "against mle's same per-run figures (each `mle run` is a new process).\n",
+        "| measure | mle | floor (direct spawn) | Dask distributed | Prefect 3 | target |",
         "|---|---|---|---|---|---|",
+        f"| **{per_run_heading}** | | | | | |",
+        f"| chain: ms per step (wall / N) | "
+        f"{run_cells('{:.1f}', lambda rt: s[f'{rt}_chain_ms_per_step'])} | ≤ 25 |",
+        f"| fan-out: steps/s | "
+        f"{run_cells('{:.0f}', lambda rt: s[f'{rt}_fanout_steps_per_s'])} | ≥ 100 |",
+        f"| a 1-step run (ms) | {run_cells('{:.0f}', lambda rt: 1000 * f[f'{rt}_one_step_s'])} | |",
+        f"| **{in_process_heading}** | | | | | |",
         f"| chain: ms per step (wall / N) | "
         f"{cells('{:.1f}', lambda rt: s[f'{rt}_chain_ms_per_step'])} | ≤ 25 |",
         f"| fan-out: steps/s | {cells('{:.0f}', lambda rt: s[f'{rt}_fanout_steps_per_s'])} | ≥ 100 |",
@@ -563,11 +845,18 @@ def markdown_section(path: Path, n: int, repeat: int, r: Results, s: dict[str, f
         f"| `mle --help` extra over `python -c pass` | {s['help_extra_ms']:.0f} ms "
         f"({1000 * f['help_s']:.0f} vs {1000 * f['python_pass_s']:.0f} ms) | | | | ≤ 150 ms |",
         "",
-        f"Ratios of mle's wall to the peer's in the same run (below 1: mle is faster): floor "
+        f"Ratios of mle's wall to the peer's in the same run (below 1: mle is faster). "
+        f"P{per_run_heading[1:]}: Prefect {ratio('prefect_run')}; "
+        f"Dask {ratio('dask_run')}. I{in_process_heading[1:]}: floor "
         f"chain {s['chain_ratio_mle_vs_floor']:.1f}×; Dask {ratio('dask')}; "
-        f"Prefect {ratio('prefect')} (issue target: ≤ 0.33, Prefect 3× slower).",
+        f"Prefect {ratio('prefect')}. Issue target vs Prefect: ≤ 0.33 (Prefect 3× slower).",
         "",
-        f"Start-up: mle = `mle agent start` + first 1-step run; {prefect_conf} {dask_conf}",
+        f"Per run: mle = `mle run bench.yaml --no-live`, a new CLI process, on the agent started "
+        f"once; {prefect_run_conf} {dask_run_conf} One untimed warm-up run each; the per-run "
+        "processes get the user's environment (bytecode cached).",
+        "",
+        f"In-process and start-up: mle = `mle agent start` + first 1-step run; {prefect_conf} "
+        f"{dask_conf}",
     ]
     if "prefect_chain_body_s" in f:
         lines += [
@@ -578,6 +867,19 @@ def markdown_section(path: Path, n: int, repeat: int, r: Results, s: dict[str, f
             "(`prefect.flow_engine._send_heartbeats`; default heartbeat every 180 s). In-flow "
             f"fan-out: {s['prefect_fanout_body_steps_per_s']:.0f} steps/s; in-flow chain: "
             f"{1000 * f['prefect_chain_body_s'] / n:.1f} ms per step.",
+        ]
+    if "prefect_run_chain_s" in f:
+        imported = (
+            f" ({f['prefect_import_s']:.2f} s in the in-process peer)"
+            if "prefect_import_s" in f
+            else ""
+        )
+        lines += [
+            "",
+            "² Prefect per run: each process's wall holds the interpreter's start, "
+            f"`import prefect`{imported}, the flow run's creation on the server and its end, "
+            "which the heartbeat join rounds up to a whole second (¹); that fixed cost is in "
+            "wall / N here, as mle's own fixed cost per run is in its figures.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -637,6 +939,20 @@ def main() -> int:
     parser.add_argument(
         "--resume-steps", type=int, default=200, help="steps of the resume-cost chain"
     )
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument(
+        "--no-per-run",
+        action="store_true",
+        help="measure the peers in-process only, without a new process per run (no Prefect "
+        "server, no Dask scheduler): quicker",
+    )
+    peers.add_argument(
+        "--one-prefect-server",
+        action="store_true",
+        help="measure Prefect in-process against the per-run measure's `prefect server start` "
+        "instead of its ephemeral server: one server boot, not two (its start-up figure is "
+        "then import + a first flow on a running server); for quick runs",
+    )
     parser.add_argument(
         "--section",
         choices=("all", "dispatch", "resume"),
@@ -649,13 +965,28 @@ def main() -> int:
     dispatch = args.section in ("all", "dispatch")
     resume = args.section in ("all", "resume")
 
+    flags = "".join(
+        f" {flag}"
+        for flag, given in (
+            (f"--section {args.section}", args.section != "all"),
+            (f"--prefect-python {args.prefect_python}", args.prefect_python != sys.executable),
+            ("--no-per-run", args.no_per_run),
+            ("--one-prefect-server", args.one_prefect_server),
+        )
+        if given
+    )
     r = Results()
     summary: dict[str, float] = {}
     if dispatch:
         measure_mle(r, n, repeat)
         measure_floor(r, n, repeat, workers)
         measure_dask(r, n, repeat, workers)
-        measure_prefect(r, n, repeat, workers, args.prefect_python)
+        if not args.one_prefect_server:
+            measure_prefect(r, n, repeat, workers, args.prefect_python)
+        if not args.no_per_run:
+            measure_dask_per_run(r, n, repeat, workers)
+            one_server = args.one_prefect_server
+            measure_prefect_per_run(r, n, repeat, workers, args.prefect_python, one_server)
         measure_help(r, repeat)
         summary.update(summarize(r.figures, n))
     if resume:
@@ -668,7 +999,10 @@ def main() -> int:
     if args.out:
         with args.out.open("a") as out:
             if dispatch:
-                out.write(markdown_section(args.out, n, repeat, r, summary))
+                section = markdown_section(
+                    args.out, n, repeat, r, summary, not args.no_per_run, flags
+                )
+                out.write(section)
             if resume:
                 out.write(resume_section(args.out, repeat, r, summary))
     return 0

@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Prefect 3 peer of bench/dispatch.py: the same no-op chain and fan-out as Prefect tasks.
 
-Runs in its own process, started by dispatch.py (`measure_prefect`) with its environment, in
-Prefect's default local mode: no PREFECT_API_URL, so the first flow run boots the ephemeral API
-server (SQLite under a throwaway PREFECT_HOME), which lives until this process exits. Each task
-spawns `/bin/sh -c true`, as each mle step and each Dask task does. Start-up (import, then the
-first 1-step flow, which boots the server) is measured apart from the warm runs that per-step
-overhead is computed from.
+Each task spawns `/bin/sh -c true`, as each mle step and each Dask task does
+(`@task(cache_policy=NO_CACHE)`, `@flow(task_runner=ThreadPoolTaskRunner(max_workers=W))`).
+Two modes, both started by dispatch.py with its environment:
 
-Prints one JSON object on its last stdout line.
-Usage: bench/prefect_peer.py --steps N --repeat R --workers W
+- In-process (`--repeat R`, `measure_prefect`): Prefect's default local mode, no PREFECT_API_URL,
+  so the first flow run boots the ephemeral API server (SQLite under a throwaway PREFECT_HOME),
+  which lives until this process exits; the flows then run back to back in this process. Start-up
+  (import, then the first 1-step flow, which boots the server) is measured apart from the warm
+  runs that per-step overhead is computed from. Prints one JSON object on its last stdout line.
+- One run (`--once chain|fanout`, `measure_prefect_per_run`): what `python flow.py` does, against
+  the `prefect server start` that PREFECT_API_URL points at: import Prefect, run the one flow,
+  exit. dispatch.py times the process from launch to exit. Prints nothing that matters.
+
+Both check that every task ran its process (exit non-zero otherwise).
+Usage: bench/prefect_peer.py --steps N --workers W (--repeat R | --once chain|fanout)
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from collections.abc import Callable
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--repeat", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--repeat", type=int, help="in-process: run each flow this many times")
+    mode.add_argument("--once", choices=("chain", "fanout"), help="run this flow once, exit")
     args = parser.parse_args()
     n = args.steps
 
@@ -69,6 +77,12 @@ def main() -> int:
         for f in futures:
             f.result()
         return time.perf_counter() - start
+
+    if args.once:
+        {"chain": chain, "fanout": fanout}[args.once](n)
+        if (ran := next(spawned)) != n:
+            raise SystemExit(f"{ran} tasks ran, not {n}")
+        return 0
 
     start = time.perf_counter()
     chain(1)  # boots the ephemeral server, creates its database

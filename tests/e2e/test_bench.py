@@ -7,18 +7,37 @@ import json
 import os
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.conftest import REPO
 
 # One tiny dispatch run (5 steps, once; the resume cost on 10 steps killed at 5) is shared by the
-# tests below: about 25 s, most of it Prefect booting its ephemeral server.
+# tests below: about 45 s, most of it Prefect: booting its server (one `prefect server start` for
+# both Prefect measures: --one-prefect-server), then a new process per run, 2-3 s each.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+PER_RUN = "| **per run (a new process each; agent / Prefect server kept running)** |"
+IN_PROCESS = "| **in-process (Prefect's and Dask's best case: no interpreter start, no import)** |"
+COLUMNS = {"mle": 1, "floor": 2, "dask": 3, "prefect": 4}  # cells of the table's rows
+
+
+def processes_in(directory: Path) -> list[str]:
+    """Processes whose working directory is in `directory`: what the benchmark left running."""
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if Path(proc.cwd()).is_relative_to(directory):
+                left.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])}")
+        except (psutil.Error, OSError):
+            continue
+    return left
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +52,7 @@ def dispatch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
     out = tmp / "RESULTS.md"
     argv = [sys.executable, str(REPO / "bench/dispatch.py"), "--steps", "5", "--repeat", "1"]
     proc = subprocess.run(
-        [*argv, "--resume-steps", "10", "--out", str(out)],
+        [*argv, "--resume-steps", "10", "--one-prefect-server", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -41,6 +60,12 @@ def dispatch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
         timeout=280,
     )
     assert proc.returncode == 0, proc.stderr
+    # The servers it started (agent, Prefect server, Dask scheduler and workers) are all gone:
+    # they ran in its directory.
+    deadline = time.monotonic() + 10
+    while (left := processes_in(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
     return json.loads(proc.stdout), out.read_text()
 
 
@@ -73,6 +98,35 @@ def test_dispatch_benchmark_compares_with_each_installed_peer(
         assert figures[f"{peer}_{key}"] > 0, key
     assert figures[f"chain_ratio_mle_vs_{peer}"] > 0
     assert figures["versions"][peer] in text
+
+
+@pytest.mark.parametrize("peer", ["dask", "prefect"])
+def test_dispatch_benchmark_runs_each_installed_peer_as_a_new_process_per_run(
+    dispatch: tuple[dict[str, Any], str], peer: str
+) -> None:
+    figures, text = dispatch
+    if peer in figures["skipped"]:
+        assert f"{peer}_run" in figures["skipped"]  # not installed: neither measure ran
+        pytest.skip(f"{peer} not installed: {figures['skipped'][peer]}")
+    # Installed: its server (Prefect) or scheduler and workers (Dask) must have started.
+    assert f"{peer}_run" not in figures["skipped"], figures["skipped"]
+    for key in ("chain_ms_per_step", "fanout_steps_per_s", "one_step_s"):
+        assert figures[f"{peer}_run_{key}"] > 0, key
+    for kind in ("chain", "fanout"):
+        assert figures[f"{kind}_ratio_mle_vs_{peer}_run"] > 0
+    # The report has both comparisons, named, the per-run rows first, with this peer's figures.
+    assert text.index(PER_RUN) < text.index(IN_PROCESS)
+    per_run = text[text.index(PER_RUN) : text.index(IN_PROCESS)]
+    one_step = next(line for line in per_run.splitlines() if line.startswith("| a 1-step run"))
+    cells = [cell.strip() for cell in one_step.strip("|").split("|")]
+    assert cells[COLUMNS[peer]] == f"{1000 * figures[f'{peer}_run_one_step_s']:.0f}"
+    assert cells[COLUMNS["mle"]] == f"{1000 * figures['mle_one_step_s']:.0f}"
+    # The per-run ratios are printed before the in-process ones.
+    ratios = next(line for line in text.splitlines() if line.startswith("Ratios of mle's"))
+    head = "Per run (a new process each; agent / Prefect server kept running): "
+    per_run_ratios = ratios.split(head)[1].split(" In-process (")[0]
+    ratio = figures[f"chain_ratio_mle_vs_{peer}_run"]
+    assert f"{peer.capitalize()} chain {ratio:.2f}" in per_run_ratios
 
 
 def test_resume_cost_runs_no_succeeded_step_again(dispatch: tuple[dict[str, Any], str]) -> None:
@@ -112,6 +166,12 @@ def test_prefect_part_is_skipped_with_the_reason_when_prefect_is_absent(
     assert results.figures == {}
     assert "No module named 'prefect'" in results.skipped["prefect"]
     assert "pip install -e '.[bench]'" in results.skipped["prefect"]
+    # Nor the per-run measure (no server started), alone or with the in-process one on its server.
+    results = bench.Results()
+    bench.measure_prefect_per_run(results, 3, 1, 1, str(bare / "bin" / "python"), True)
+    assert results.figures == {}
+    for peer in ("prefect_run", "prefect"):
+        assert "No module named 'prefect'" in results.skipped[peer]
 
 
 def test_serving_benchmark_measures_the_agent_against_the_floor_and_mlserver(
