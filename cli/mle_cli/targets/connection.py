@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -175,21 +175,16 @@ class AgentConnection:
             lambda: self._agent.StartTask(spec, metadata=self._metadata, timeout=self._timeout)
         )
 
-    async def run(self, request: TaskRequest) -> AsyncIterator[TaskUpdate]:
+    def run(self, request: TaskRequest) -> AsyncIterator[TaskUpdate]:
         """Start a task and stream its events from the first until its result, in one call."""
-        call = self._agent.RunTask(_task_spec(request), metadata=self._metadata)
-        try:
-            async for event in call:
-                yield _task_update(event)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, agent=self.name) from None
-        finally:
-            call.cancel()
+        return self._events(self._agent.RunTask(_task_spec(request), metadata=self._metadata))
 
-    async def watch(self, task_id: str, after_seq: int) -> AsyncIterator[TaskUpdate]:
+    def watch(self, task_id: str, after_seq: int) -> AsyncIterator[TaskUpdate]:
         """Stream the task's events after after_seq until its result."""
         request = pb.WatchTaskRequest(task_id=task_id, after_seq=after_seq)
-        call = self._agent.WatchTask(request, metadata=self._metadata)
+        return self._events(self._agent.WatchTask(request, metadata=self._metadata))
+
+    async def _events(self, call: Any) -> AsyncIterator[TaskUpdate]:
         try:
             async for event in call:
                 yield _task_update(event)
