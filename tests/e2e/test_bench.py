@@ -147,6 +147,7 @@ def test_resume_cost_runs_no_succeeded_step_again(dispatch: tuple[dict[str, Any]
 
 def _load_dispatch(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """bench/dispatch.py as a module (bench/ is scripts, not a package)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # its modules, as when run as a script
     spec = importlib.util.spec_from_file_location("bench_dispatch", REPO / "bench/dispatch.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
