@@ -1,5 +1,5 @@
 """`python -m mle_cli` runs the `mle` command."""
 
-from mle_cli.app import main
+from mle_cli.app import cli
 
-main()
+cli()

@@ -321,19 +321,23 @@ def print_plan(plan: Mapping[str, Any]) -> None:
 
 def print_outcome(outcome: Any) -> None:
     """The last lines of failed steps (stderr), then one summary line (stdout)."""
+    failed = [s for s in outcome.failed_steps if s.last_lines]
+    done = sum(1 for s in outcome.steps.values() if s.status == Status.SUCCEEDED)
+    summary = f"in {duration(outcome.duration)}: {done}/{len(outcome.steps)} steps succeeded"
+    if not (sys.stdout.isatty() or sys.stderr.isatty()):  # scripts: the same text, without
+        for step in failed:  # importing rich (a tenth of a short `mle run`)
+            lines = "".join(f"  {printable(line)}\n" for line in step.last_lines)
+            sys.stderr.write(f"{step.step_id} last lines:\n{lines}")
+        sys.stdout.write(f"run {outcome.run_id} {outcome.status} {summary}\n")
+        return
     from rich.markup import escape
 
     err = stderr_console()
-    for step in outcome.failed_steps:
-        if step.last_lines:
-            err.print(f"[red]{escape(step.step_id)}[/] last lines:")
-            for line in step.last_lines:
-                err.print(f"  {escape(printable(line))}")
-    done = sum(1 for s in outcome.steps.values() if s.status == Status.SUCCEEDED)
-    stdout_console().print(
-        f"run {outcome.run_id} {styled_status(outcome.status)} in {duration(outcome.duration)}: "
-        f"{done}/{len(outcome.steps)} steps succeeded"
-    )
+    for step in failed:
+        err.print(f"[red]{escape(step.step_id)}[/] last lines:")
+        for line in step.last_lines:
+            err.print(f"  {escape(printable(line))}")
+    stdout_console().print(f"run {outcome.run_id} {styled_status(outcome.status)} {summary}")
 
 
 def print_run(run: Mapping[str, Any]) -> None:
