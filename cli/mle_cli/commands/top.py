@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import signal
@@ -58,6 +57,8 @@ def top(
 
     Example: mle top --once --json
     """
+    import asyncio
+
     from mle_cli.fleetwatch import snapshot_fleet
 
     settings = settings_from(ctx)
@@ -77,6 +78,8 @@ def register(app: typer.Typer) -> None:
 
 
 async def _watch(settings: Settings, interval: float | None, *, json_out: bool) -> None:
+    import asyncio
+
     from mle_cli.fleetwatch import watch_fleet
 
     stop = asyncio.Event()
