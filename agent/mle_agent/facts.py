@@ -14,10 +14,14 @@ from mle_agent.settings import AgentSettings
 from mle_proto import PROTO_VERSION, package_version
 from mle_proto.v1 import agent_pb2 as pb
 
-__all__ = ["RUNTIMES", "agent_info", "os_description", "runtimes"]
+__all__ = ["FEATURES", "RUNTIMES", "agent_info", "os_description", "runtimes"]
 
 # Model runtimes the agent can serve with, by import name; found without importing them.
 RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_runtime")
+
+
+# Features beyond the first v1 agents (see AgentInfo.features): operators check before use.
+FEATURES = ("run-task", "ack-batch")
 
 
 def agent_info(
@@ -40,6 +44,7 @@ def agent_info(
         boot_id=boot_id,
         running_tasks=running_tasks,
         http_port=http_port,
+        features=FEATURES,
     )
 
 

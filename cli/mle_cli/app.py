@@ -111,13 +111,19 @@ def cli() -> NoReturn:
     try:
         main()
     except SystemExit as e:
-        if isinstance(e.code, str):
-            sys.stderr.write(e.code + "\n")
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int | None):
+            sys.stderr.write(f"{e.code}\n")
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # e.g. a closed pipe: nothing to save
-            stream.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`mle runs | head`): nothing to report
+        pass
+    except (OSError, ValueError) as e:  # e.g. a full disk: the output is lost, so say so
+        sys.stderr.write(f"error: cannot write the output: {e}\n")
+        code = code or 120
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(code)
 
 

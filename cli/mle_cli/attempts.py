@@ -229,13 +229,16 @@ class AttemptRunner:
             batches, self._acks = self._acks, {}
             await self._writer.flush()  # only acknowledge what the ledger durably holds
             faults.point("result-committed")
-            for executor, acks in batches.items():
-                items = list(acks.items())
-                for start in range(0, len(items), _ACK_BATCH):
-                    try:
-                        await executor.ack(dict(items[start : start + _ACK_BATCH]))
-                    except MleError as e:
-                        log.debug("acks to %s failed: %s", executor.name, e)
+            # Agents at once: one that does not answer must not hold up the others.
+            await asyncio.gather(*(self._send(e, acks) for e, acks in batches.items()))
+
+    async def _send(self, executor: Executor, acks: dict[str, int]) -> None:
+        items = list(acks.items())
+        try:
+            for start in range(0, len(items), _ACK_BATCH):
+                await executor.ack(dict(items[start : start + _ACK_BATCH]))
+        except MleError as e:  # the events stay on the agent: the safe direction
+            log.debug("acks to %s failed: %s", executor.name, e)
 
     async def cancel_running(self, reason: str) -> None:
         """Cancel every attempt in flight, and any that is starting."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Project
+from tests.conftest import MLE, Project
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +114,20 @@ def test_runs_show_and_logs_tell_what_happened(project: Project) -> None:
     all_logs = project.mle("logs", "--json", check=True).stdout.splitlines()
     steps_logged = {json.loads(line)["step_id"] for line in all_logs}
     assert steps_logged == {"prepare", "count", "shout", "report"}
+
+
+def test_output_that_cannot_be_written_is_an_error_not_a_success(project: Project) -> None:
+    env = {k: v for k, v in project.env.items() if k != "PYTHONUNBUFFERED"}  # written at exit
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full to stand for a full disk")
+    with open("/dev/full", "w") as full:  # the run's summary line cannot be written
+        proc = subprocess.run(
+            [*MLE, "run", "recipes/hello.yaml"], cwd=project.root, env=env, stdout=full,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 120
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: cannot write the output: [Errno 28] No space left on device"
 
 
 def test_plan_shows_the_dag_and_runs_nothing(project: Project) -> None:

@@ -135,6 +135,29 @@ def test_files_are_shipped_and_outputs_fetched_across_stores(tmp_path: Path) -> 
     ledger.close()
 
 
+def test_an_agent_without_run_task_or_batched_acks_gets_the_v1_calls(tmp_path: Path) -> None:
+    settings = agent_settings(tmp_path, artifacts_dir=tmp_path / "agent-store")
+
+    async def scenario() -> None:
+        async with running_agent(settings, token=TOKEN) as agent:
+            endpoint = Endpoint("edge", f"127.0.0.1:{agent.port}", TOKEN)
+            conn = await connect(endpoint, rpc_timeout=10)
+            try:
+                assert conn.features == {"run-task", "ack-batch"}  # what this agent lists
+                conn.features = frozenset()  # as the first v1 agents: neither
+                store = ArtifactStore(tmp_path / "project-store")
+                status, recorder = await _run_plan(tmp_path, conn, store)
+                assert status == Status.SUCCEEDED
+                assert recorder.statuses["use"] == [Status.RUNNING, Status.SUCCEEDED]
+                for task_id in ("run1.make.1", "run1.use.1"):  # each acked on its own
+                    kept = await agent.events(task_id)
+                    assert [e.HasField("result") for e in kept] == [True]
+            finally:
+                await conn.close()
+
+    run(scenario())
+
+
 TRIGGERS = """\
 name: triggers
 steps:

@@ -21,7 +21,7 @@ from mle_cli.executor import OutputFile, TaskRequest, TaskUpdate
 from mle_cli.targets._endpoint import Endpoint
 from mle_cli.targets._trust import check_agent_identity
 from mle_proto import AUTH_METADATA_KEY, PROTO_VERSION
-from mle_proto.errors import AgentUnavailable, FailedPrecondition, from_rpc_error
+from mle_proto.errors import AgentUnavailable, FailedPrecondition, NotFound, from_rpc_error
 from mle_proto.store import ArtifactStore, tune_allocator
 from mle_proto.v1 import agent_pb2 as pb
 from mle_proto.v1 import agent_pb2_grpc as rpc
@@ -68,6 +68,7 @@ async def connect(
         )
     conn.set_slots(max(1, info.slots))
     conn.platform = platform_class(info.os, info.arch)
+    conn.features = frozenset(info.features)
     if heartbeat_interval > 0:
         conn.follow_heartbeats(heartbeat_interval)
     return conn
@@ -94,6 +95,7 @@ class AgentConnection:
         self._artifacts = rpc.ArtifactsStub(self._channel)
         self.set_slots(1)
         self.platform = "unknown"
+        self.features: frozenset[str] = frozenset()  # AgentInfo.features: what beyond v1 it has
         self.boot_id = ""
         self._present: set[str] = set()  # digests the agent is known to hold
         self._last_seen = time.monotonic()
@@ -176,8 +178,16 @@ class AgentConnection:
         )
 
     def run(self, request: TaskRequest) -> AsyncIterator[TaskUpdate]:
-        """Start a task and stream its events from the first until its result, in one call."""
-        return self._events(self._agent.RunTask(_task_spec(request), metadata=self._metadata))
+        """Start a task and stream its events from the first until its result: in one call, or
+        as StartTask then WatchTask on an agent without RunTask."""
+        if "run-task" in self.features:
+            return self._events(self._agent.RunTask(_task_spec(request), metadata=self._metadata))
+        return self._start_and_watch(request)
+
+    async def _start_and_watch(self, request: TaskRequest) -> AsyncIterator[TaskUpdate]:
+        await self.start(request)
+        async for update in self.watch(request.task_id, 0):
+            yield update
 
     def watch(self, task_id: str, after_seq: int) -> AsyncIterator[TaskUpdate]:
         """Stream the task's events after after_seq until its result."""
@@ -201,13 +211,18 @@ class AgentConnection:
         )
 
     async def ack(self, acks: Mapping[str, int]) -> None:
-        """Let the agent prune events the ledger holds, for several tasks in one call."""
+        """Let the agent prune events the ledger holds: for several tasks in one call, or one
+        call per task on an agent without batched acks."""
+        if "ack-batch" not in self.features:
+            for task_id, upto_seq in acks.items():
+                with contextlib.suppress(NotFound):  # gone from the agent: nothing to prune
+                    await self._ack(pb.AckRequest(task_id=task_id, upto_seq=upto_seq))
+            return
         (task_id, upto_seq), *more = acks.items()
-        request = pb.AckRequest(
-            task_id=task_id,
-            upto_seq=upto_seq,
-            more=[pb.TaskAck(task_id=t, upto_seq=s) for t, s in more],
-        )
+        more_acks = [pb.TaskAck(task_id=t, upto_seq=s) for t, s in more]
+        await self._ack(pb.AckRequest(task_id=task_id, upto_seq=upto_seq, more=more_acks))
+
+    async def _ack(self, request: pb.AckRequest) -> None:
         await self._call(
             lambda: self._agent.Ack(request, metadata=self._metadata, timeout=self._timeout)
         )

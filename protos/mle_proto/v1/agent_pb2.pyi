@@ -207,6 +207,7 @@ class AgentInfo(_message.Message):
     BOOT_ID_FIELD_NUMBER: _builtins.int
     RUNNING_TASKS_FIELD_NUMBER: _builtins.int
     HTTP_PORT_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     proto_version: _builtins.str
@@ -225,6 +226,12 @@ class AgentInfo(_message.Message):
     def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this agent can do beyond the first v1 agents, e.g. "run-task" (Agent.RunTask) and
+        "ack-batch" (AckRequest.more): the operator uses a feature only when the agent lists it.
+        """
+
     def __init__(
         self,
         *,
@@ -243,10 +250,11 @@ class AgentInfo(_message.Message):
         boot_id: _builtins.str = ...,
         running_tasks: _builtins.int = ...,
         http_port: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "boot_id", b"boot_id", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "http_port", b"http_port", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "os", b"os", "proto_version", b"proto_version", "python", b"python", "running_tasks", b"running_tasks", "runtimes", b"runtimes", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "boot_id", b"boot_id", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "features", b"features", "http_port", b"http_port", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "os", b"os", "proto_version", b"proto_version", "python", b"python", "running_tasks", b"running_tasks", "runtimes", b"runtimes", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -681,8 +689,8 @@ class AckRequest(_message.Message):
     upto_seq: _builtins.int
     @_builtins.property
     def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAck]:
-        """More tasks acknowledged in the same call: the operator batches its acks. Unknown task ids
-        here are skipped (only task_id itself must exist).
+        """More tasks acknowledged in the same call (feature "ack-batch"): the operator batches its
+        acks. Unknown task ids here are skipped (only task_id itself must exist).
         """
 
     def __init__(

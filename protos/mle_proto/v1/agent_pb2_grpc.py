@@ -104,8 +104,8 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunTask(self, request, context):
-        """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
-        idempotent on task_id like StartTask; its errors are StartTask's, before any event.
+        """StartTask and WatchTask from the first event in one call (a fresh attempt needs both;
+        feature "run-task"): idempotent on task_id like StartTask; its errors are StartTask's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

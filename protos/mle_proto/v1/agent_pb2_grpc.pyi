@@ -46,8 +46,8 @@ class AgentStub:
     and ends after the final event.
     """
     RunTask: _grpc.UnaryStreamMultiCallable[_agent_pb2.TaskSpec, _agent_pb2.TaskEvent]
-    """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
-    idempotent on task_id like StartTask; its errors are StartTask's, before any event.
+    """StartTask and WatchTask from the first event in one call (a fresh attempt needs both;
+    feature "run-task"): idempotent on task_id like StartTask; its errors are StartTask's.
     """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.TaskHandle]
     """Cancels a task: its whole process tree is killed."""
@@ -74,8 +74,8 @@ class AgentAsyncStub(AgentStub):
     and ends after the final event.
     """
     RunTask: _aio.UnaryStreamMultiCallable[_agent_pb2.TaskSpec, _agent_pb2.TaskEvent]  # type: ignore[assignment]
-    """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
-    idempotent on task_id like StartTask; its errors are StartTask's, before any event.
+    """StartTask and WatchTask from the first event in one call (a fresh attempt needs both;
+    feature "run-task"): idempotent on task_id like StartTask; its errors are StartTask's.
     """
     CancelTask: _aio.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.TaskHandle]  # type: ignore[assignment]
     """Cancels a task: its whole process tree is killed."""
@@ -123,8 +123,8 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.TaskSpec,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.TaskEvent], _abc.AsyncIterator[_agent_pb2.TaskEvent]]:
-        """StartTask and WatchTask from the first event in one call (a fresh attempt needs both):
-        idempotent on task_id like StartTask; its errors are StartTask's, before any event.
+        """StartTask and WatchTask from the first event in one call (a fresh attempt needs both;
+        feature "run-task"): idempotent on task_id like StartTask; its errors are StartTask's.
         """
 
     @_abc_1.abstractmethod
