@@ -1,4 +1,4 @@
-"""What every measure of bench/dispatch.py shares: the results record, timing, a step's work."""
+"""What the benchmarks share: the results record, timing, a step's work, the user's env."""
 
 from __future__ import annotations
 

@@ -37,12 +37,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.ssh_server: the same sshd the SSH tests use
+
+from _measure import Results  # noqa: E402 - bench/ is this script's directory
 
 from mle_cli.targets._endpoint import Endpoint  # noqa: E402
 from mle_cli.targets.connection import AgentConnection, connect  # noqa: E402
@@ -52,19 +54,6 @@ from tests.ssh_server import SshServer, find_sshd, ssh_server  # noqa: E402
 MB = 1_000_000  # throughput in MB/s (10^6 bytes), as scp and the issue's target count them
 LOOPBACK = "127.0.0.1"
 RPC_TIMEOUT = 120.0
-
-
-@dataclass
-class Results:
-    """Figures by name, peer versions, and why a peer was skipped."""
-
-    figures: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def skip(self, peer: str, reason: str) -> None:
-        self.skipped[peer] = reason
-        print(f"{peer}: skipped ({reason})", file=sys.stderr)
 
 
 def console(name: str, module: str) -> list[str]:

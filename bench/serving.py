@@ -32,29 +32,16 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
+from _measure import Results  # bench/ is this script's directory
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
 FIXTURES = REPO / "tests" / "fixtures" / "models"
 MODEL_NAME = "digits"
-
-
-@dataclass
-class Results:
-    """Figures by name, peer versions, and why a peer was skipped."""
-
-    figures: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def skip(self, peer: str, reason: str) -> None:
-        self.skipped[peer] = reason
-        print(f"{peer}: skipped ({reason})", file=sys.stderr)
 
 
 def default_peers_python() -> Path:
