@@ -196,15 +196,27 @@ async def _deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) ->
 
 def _denied(handler: Handler) -> Handler:
     """A handler of the same shape as `handler` that only refuses."""
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make: Callable[..., Handler] = kinds[(handler.request_streaming, handler.response_streaming)]
+    return _reshaped(handler, _deny)
+
+
+# A handler's shape (request streaming, response streaming): its behaviour attribute and maker.
+_SHAPES: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _shape(handler: Handler) -> tuple[str, Callable[..., Handler]]:
+    return _SHAPES[(handler.request_streaming, handler.response_streaming)]
+
+
+def _reshaped(handler: Handler, behavior: Callable[..., Any]) -> Handler:
+    """A handler of the same shape and (de)serializers as `handler`, doing `behavior`."""
+    make = _shape(handler)[1]
     return make(
-        _deny,
+        behavior,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
@@ -239,15 +251,7 @@ async def _require_operator(context: grpc.aio.ServicerContext[Any, Any]) -> None
 
 def _guarded(handler: Handler) -> Handler:
     """A handler of the same shape as `handler` that checks the caller first."""
-    streaming = (handler.request_streaming, handler.response_streaming)
-    kinds = {
-        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    }
-    attribute, make = kinds[streaming]
-    behavior: Callable[..., Any] = getattr(handler, attribute)
+    behavior: Callable[..., Any] = getattr(handler, _shape(handler)[0])
     guarded: Callable[..., Any]
     if inspect.isasyncgenfunction(behavior):  # a response stream yielded, not written
 
@@ -263,8 +267,4 @@ def _guarded(handler: Handler) -> Handler:
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
 
-    return make(
-        guarded,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return _reshaped(handler, guarded)
