@@ -311,13 +311,13 @@ class TaskManager:
             result = self._execution.result(task, pb.TASK_STATE_FAILED, message)
         task.events.finish(result)
         self._live.pop(task.spec.task_id, None)
-        self._execution.files(task.spec.task_id).remove()  # its lines are in the outbox now
-        log.info(
-            "task %s %s%s",
-            task.spec.task_id,
-            state_name(result.state),
-            f": {result.message}" if result.message else "",
-        )
+        # Housekeeping after the watchers woken by finish() have sent the result on its way.
+        asyncio.get_running_loop().call_soon(self._finished, task.spec.task_id, result)
+
+    def _finished(self, task_id: str, result: pb.TaskResult) -> None:
+        self._execution.files(task_id).remove()  # its lines are in the outbox now
+        message = f": {result.message}" if result.message else ""
+        log.info("task %s %s%s", task_id, state_name(result.state), message)
 
     async def _execute(self, task: LiveTask) -> pb.TaskResult:
         if task.stop is not None:  # stopped before this coroutine got its first turn
