@@ -207,10 +207,17 @@ def test_a_write_nobody_flushes_is_committed_soon_all_the_same(tmp_path: Path) -
 def test_a_failed_write_fails_the_next_flush(tmp_path: Path) -> None:
     async def scenario() -> None:
         writer = LedgerWriter(tmp_path / "l.db")
+        writer.submit(lambda led: _run(led, "run1"))
         writer.submit(lambda led: led.update_run("missing-run", status="x"))
         with pytest.raises(LedgerError, match="ledger write failed: NotFound no row in runs"):
             await writer.flush()
+        writer.submit(lambda led: _run(led, "run2"))  # nothing is written after a failure
+        with pytest.raises(LedgerError, match="ledger write failed: NotFound no row in runs"):
+            await writer.flush()
         writer.close()
+        reader = Ledger(tmp_path / "l.db")
+        assert [r["id"] for r in reader.query("SELECT id FROM runs")] in ([], ["run1"])
+        reader.close()
 
     asyncio.run(scenario())
 
