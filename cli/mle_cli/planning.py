@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 from mle_cli.errors import RecipeError
-from mle_cli.placement import explain
+from mle_cli.placement import explain, matching
 from mle_cli.recipe import render_step
 from mle_cli.recipe.plan import Plan, Step
 from mle_cli.settings import Settings
@@ -54,7 +55,7 @@ def describe_plan(plan: Plan, settings: Settings, *, use_cache: bool = True) -> 
     """Steps in order with their DAG stage, placement, rendered command, outputs and whether
     each would be cached, and why not."""
     plan, targets = _placed(plan, settings)
-    predictor = _CachePredictor(plan, settings, use_cache)
+    predictor = _CachePredictor(plan, settings, use_cache, targets)
     stages: dict[str, int] = {}
     steps = []
     try:
@@ -120,7 +121,9 @@ class _CachePredictor:
     """Walks the plan in order, predicting cache hits from the ledger and the project store.
     A step can only be predicted when every step it needs is predicted to be cached."""
 
-    def __init__(self, plan: Plan, settings: Settings, use_cache: bool) -> None:
+    def __init__(
+        self, plan: Plan, settings: Settings, use_cache: bool, targets: Sequence[Target]
+    ) -> None:
         from mle_cli.ledger import Ledger
         from mle_proto.store import ArtifactStore
 
@@ -130,7 +133,7 @@ class _CachePredictor:
         self._store = ArtifactStore(settings.artifacts_dir)
         self._known: dict[str, dict[str, Any]] = {}  # step -> what templates see of it
         self._outputs: dict[str, dict[str, str]] = {}  # step -> path -> digest
-        self._platform = local_platform()
+        self._targets = targets
 
     def close(self) -> None:
         if self._ledger is not None:
@@ -168,8 +171,11 @@ class _CachePredictor:
             )
         except RecipeError:
             return {"result": "miss", "reason": "its command uses results not known yet"}
+        platform_class, unknown = self._platform(step)
+        if platform_class is None:
+            return {"result": "unknown", "reason": unknown}
         files = {f.path: f.digest for f in self._plan.files}
-        parts = caching.cache_parts(request, files, self._platform)
+        parts = caching.cache_parts(request, files, platform_class)
         if self._ledger is None:
             return {"result": "miss", "reason": "no earlier runs"}
         hit = caching.find_hit(self._ledger, caching.cache_key(parts), self._store, step.outputs)
@@ -183,3 +189,24 @@ class _CachePredictor:
         }
         self._outputs[step.id] = {p: o.digest for p, o in hit.outputs.items()}
         return {"result": "hit", "reason": f"same inputs as run {hit.run_id}/{hit.step_id}"}
+
+    def _platform(self, step: Step) -> tuple[str | None, str]:
+        """The platform class in the step's cache key (results are shared by platform), or None
+        and why it cannot be told before the step is placed."""
+        found = matching(step.target, self._targets)
+        unseen = [t.name for t in found if not _platform_of(t)]
+        if unseen:
+            return None, f"the platform of {unseen[0]} is known once it announces itself (mDNS)"
+        classes = sorted({_platform_of(t) for t in found})
+        if len(classes) > 1:
+            return None, f"its targets differ in platform ({', '.join(classes)})"
+        return (classes[0], "") if classes else (local_platform(), "")
+
+
+def _platform_of(target: Target) -> str:
+    """A target's platform class from what it announced; "" when it was never seen."""
+    if target.source == "local":
+        return local_platform()
+    from mle_cli.targets.connection import platform_class
+
+    return platform_class(target.os, target.arch) if target.arch else ""
