@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-from mle_proto import package_version
+from mle_proto import __version__
 
 __all__ = ["__version__"]
-
-
-def __getattr__(name: str) -> str:
-    if name == "__version__":
-        return package_version()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -147,8 +147,8 @@ def _operator_wheel(project: Project) -> Path:
 
 
 def bumped_wheel(source: Path, version: str, out: Path, *, broken: bool = False) -> Path:
-    """The wheel rebuilt as `version` (dist-info renamed, METADATA and RECORD rewritten); with
-    `broken`, its mle-agentd exits at start."""
+    """The wheel rebuilt as `version` (dist-info renamed, METADATA, `__version__` and RECORD
+    rewritten); with `broken`, its mle-agentd exits at start."""
     old = source.name.split("-")[1]
     old_info, new_info = f"mle_toolchain-{old}.dist-info/", f"mle_toolchain-{version}.dist-info/"
     files: dict[str, bytes] = {}
@@ -158,6 +158,9 @@ def bumped_wheel(source: Path, version: str, out: Path, *, broken: bool = False)
             data = wheel.read(info)
             if name == f"{new_info}METADATA":
                 data = re.sub(rb"(?m)^Version: .*$", b"Version: " + version.encode(), data, count=1)
+            if name == "mle_proto/__init__.py":  # where the version is written (pyproject.toml)
+                new = b'__version__ = "' + version.encode() + b'"'
+                data = re.sub(rb'(?m)^__version__ = ".*"$', new, data, count=1)
             if broken and name == "mle_agent/daemon.py":
                 data += BROKEN
             files[name] = data
