@@ -33,6 +33,14 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from mle_proto import PROTO_VERSION, __version__
+
+        sys.stdout.write(f"mle {__version__} (protocol {PROTO_VERSION})\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -46,6 +54,12 @@ def _root(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """Run ML pipelines from a laptop on agents at the edge and in the cloud."""
     ctx.obj = project

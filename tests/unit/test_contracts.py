@@ -103,11 +103,26 @@ HEAVY = {
         ["top", "--help"],
         ["init", "--help"],
         ["agent", "enroll-token", "--help"],
+        ["--version"],
     ],
 )
 def test_help_imports_nothing_heavy(args: list[str]) -> None:
     loaded = {m.split(".")[0] for m in _modules_after(HELP.format(args=args))}
     assert loaded & HEAVY == set()
+
+
+def test_mle_version_names_the_package_and_protocol() -> None:
+    from mle_proto import PROTO_VERSION, __version__
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mle_cli", "--version"], capture_output=True, text=True, cwd=REPO
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        f"mle {__version__} (protocol {PROTO_VERSION})\n",
+        "",
+    )
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
 
 
 def test_parsing_a_command_line_does_not_import_pydantic(tmp_path: Path) -> None:
