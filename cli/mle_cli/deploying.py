@@ -175,7 +175,6 @@ class DeploySteps:
         outcome.target = ", ".join(job.targets)
         detail = f"deploying {job.spec.name} to {outcome.target}"
         self._host.set_status(outcome, Status.RUNNING, detail)
-        await self._writer.flush()  # what led here (upstream outcomes) is durable before it acts
         try:
             report = await self._deployer.deploy(
                 job, self._store, self._record, self._host.cancelled.is_set

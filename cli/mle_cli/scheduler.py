@@ -291,8 +291,7 @@ class Scheduler:
                 await self._tasks.run(step, outcome, context)
         except RecipeError as e:  # a template or condition that cannot be evaluated
             self.finish_step(outcome, result(Status.FAILED, str(e)))
-        # No flush here: a dependant acts only after a flush of its own (an attempt is committed
-        # before its task starts, a rollout before it deploys), which commits this outcome too.
+        await self._writer.flush()  # the outcome is durable before dependants act on it
         faults.point("step-finished")
 
     # -- built-in steps ---------------------------------------------------------------------------

@@ -204,6 +204,26 @@ def test_a_write_nobody_flushes_is_committed_soon_all_the_same(tmp_path: Path) -
         writer.close()
 
 
+def test_other_writers_get_the_lock_while_writes_wait_for_their_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mle_cli.ledger._writer._LINGER", 30.0)  # a batch that stays open
+    writer = LedgerWriter(tmp_path / "l.db")
+    other = sqlite3.connect(tmp_path / "l.db", timeout=0, isolation_level=None)
+    try:
+        writer.submit(lambda led: _run(led, "run1"))
+        while not writer._queue.empty():  # the writer thread has it, and lingers for more
+            time.sleep(0.001)
+        other.execute("BEGIN IMMEDIATE")  # "database is locked" if the linger held the lock
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        writer.close()  # commits what waits
+    reader = Ledger(tmp_path / "l.db")
+    assert [r["id"] for r in reader.query("SELECT id FROM runs")] == ["run1"]
+    reader.close()
+
+
 def test_a_failed_write_fails_the_next_flush(tmp_path: Path) -> None:
     async def scenario() -> None:
         writer = LedgerWriter(tmp_path / "l.db")

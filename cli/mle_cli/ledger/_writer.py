@@ -66,41 +66,30 @@ class LedgerWriter:
             ledger.close()
 
     def _run_batch(self, ledger: Ledger) -> bool:
-        first = self._queue.get()
-        items = [first]
-        if callable(first) and self._error is None:
+        items = [self._queue.get()]
+        # Writes wait up to _LINGER for more, unless a flush (or close) asks for them: one commit
+        # for a step's writes instead of one per write, and fewer wake-ups of this thread. They
+        # are applied only then: the write lock is held for the commit alone, never for the
+        # linger, so `mle cancel`, `mle approve` or another run writing this ledger get it at once.
+        deadline = time.monotonic() + _LINGER
+        while len(items) < _MAX_BATCH and callable(items[-1]):
+            try:
+                items.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        writes = [i for i in items if callable(i)]
+        if writes and self._error is None:
             try:
                 with ledger.transaction():
-                    self._apply(ledger, first, items)
+                    for write in writes:
+                        write(ledger)
             except Exception as e:  # a bug or a broken disk: fail every later flush
                 log.exception("ledger write failed")
                 self._error = LedgerError(f"ledger write failed: {type(e).__name__} {e}".strip())
-        self._collect(items)  # what is left of the batch after a failure, or a flush alone
         for item in items:
             if isinstance(item, asyncio.Future):
                 self._resolve(item)
         return None not in items
-
-    def _apply(
-        self, ledger: Ledger, first: Write, items: list[Write | asyncio.Future[None] | None]
-    ) -> None:
-        """Apply writes as they come, for up to _LINGER, until a flush (or close) asks for the
-        commit: the commit then waits only for itself, not for the whole batch's statements."""
-        first(ledger)
-        deadline = time.monotonic() + _LINGER
-        while len(items) < _MAX_BATCH and callable(items[-1]):
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return
-            items.append(item)
-            if callable(item):
-                item(ledger)
-
-    def _collect(self, items: list[Write | asyncio.Future[None] | None]) -> None:
-        """Without a transaction (the ledger failed): take queued items up to a flush or close."""
-        while callable(items[-1]) and self._error is not None:
-            items.append(self._queue.get())
 
     def _resolve(self, future: asyncio.Future[None]) -> None:
         def settle() -> None:
