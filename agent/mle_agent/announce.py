@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from mle_agent.settings import AgentSettings, split_listen
-from mle_proto import PROTO_VERSION, package_version
+from mle_proto import PROTO_VERSION, __version__
 
 if TYPE_CHECKING:
     from zeroconf import ServiceInfo
@@ -56,7 +56,7 @@ def txt_record(settings: AgentSettings, fingerprint: str = "") -> dict[str, str]
         log.warning("labels are too long for mDNS (255 bytes); announcing them cut")
     record = {
         "proto": PROTO_VERSION,
-        "ver": package_version(),
+        "ver": __version__,
         "arch": platform.machine(),
         "os": os_description(),
         "rt": ",".join(runtimes()),

@@ -33,7 +33,7 @@ from mle_agent.settings import (
     split_listen,
 )
 from mle_agent.tasks import TaskManager
-from mle_proto import PROTO_VERSION, package_version
+from mle_proto import PROTO_VERSION, __version__
 from mle_proto.errors import MleError, UsageError
 from mle_proto.files import write_atomic
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--version",
         action="version",
-        version=f"{PROG} {package_version()} (protocol {PROTO_VERSION})",
+        version=f"{PROG} {__version__} (protocol {PROTO_VERSION})",
     )
     add("--config", type=Path, help=f"TOML settings file (default {DEFAULT_CONFIG}, if present)")
     add("--name", help="agent name (default: the hostname)")
@@ -177,7 +177,7 @@ def state_file_content(
         "http_port": http_port,
         "name": settings.name,
         "boot_id": manager.boot_id,
-        "version": package_version(),
+        "version": __version__,
         "proto": PROTO_VERSION,
     }
 

@@ -11,7 +11,7 @@ import re
 import psutil
 
 from mle_agent.settings import AgentSettings
-from mle_proto import PROTO_VERSION, package_version
+from mle_proto import PROTO_VERSION, __version__
 from mle_proto.v1 import agent_pb2 as pb
 
 __all__ = ["FEATURES", "RUNTIMES", "agent_info", "os_description", "runtimes"]
@@ -30,7 +30,7 @@ def agent_info(
     """The GetInfo answer: static facts plus what changes (disk, running tasks)."""
     return pb.AgentInfo(
         name=settings.name,
-        agent_version=package_version(),
+        agent_version=__version__,
         proto_version=PROTO_VERSION,
         arch=platform.machine(),
         os=os_description(),

@@ -117,7 +117,7 @@ def main() -> None:
 def cli() -> NoReturn:
     """The `mle` command: `main`, then an exit that skips tearing the interpreter down.
 
-    Finalizing the modules a command imported (grpc, typer's pydantic, rich...) took ~40 ms after
+    Finalizing the modules a command imported (grpc, rich...) took ~40 ms after
     every command, a tenth of a short `mle run`. The output is flushed first; nothing of ours
     waits for exit handlers (threads are joined, files closed). mypy exits the same way.
     """

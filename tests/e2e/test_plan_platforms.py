@@ -18,7 +18,7 @@ import pytest
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from mle_agent.announce import SERVICE_TYPE
-from mle_proto import PROTO_VERSION, package_version
+from mle_proto import PROTO_VERSION, __version__
 from tests.conftest import Project
 from tests.mdns_helpers import LOOPBACK, unique
 
@@ -58,7 +58,7 @@ def announced(project: Project) -> Iterator[dict[str, str]]:
 
 
 def _publish(zc: Zeroconf, name: str, arch: str, labels: str) -> ServiceInfo:
-    txt = {"proto": PROTO_VERSION, "ver": package_version(), "arch": arch, "name": name}
+    txt = {"proto": PROTO_VERSION, "ver": __version__, "arch": arch, "name": name}
     txt.update(os=f"{platform.system()} 6.1 (Debian 12)", labels=labels)
     info = ServiceInfo(
         SERVICE_TYPE,

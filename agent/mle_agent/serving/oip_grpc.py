@@ -19,7 +19,7 @@ import grpc
 from mle_agent.servicers import _unary
 from mle_agent.serving.registry import InferRequest
 from mle_agent.serving.tensors import decode_grpc_inputs, encode_grpc_outputs
-from mle_proto import package_version
+from mle_proto import __version__
 from mle_proto.errors import InvalidInput
 from mle_proto.v1 import inference_pb2 as ipb
 from mle_proto.v1 import inference_pb2_grpc as ipb_grpc
@@ -71,7 +71,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
     ) -> ipb.ServerMetadataResponse:
         """Server name, version and protocol extensions."""
         return ipb.ServerMetadataResponse(
-            name=SERVER_NAME, version=package_version(), extensions=EXTENSIONS
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
         )
 
     @_unary

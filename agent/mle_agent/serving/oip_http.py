@@ -54,7 +54,7 @@ from mle_agent.serving.registry import InferRequest
 from mle_agent.serving.stats import render_metrics
 from mle_agent.serving.tensors import decode_json_inputs, encode_json_outputs
 from mle_agent.settings import check_listen_security, split_listen
-from mle_proto import package_version
+from mle_proto import __version__
 from mle_proto.errors import InvalidInput, MleError, UsageError
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class OipRoutes:
                 extensions = list(EXTENSIONS)
                 return json_response(
                     200,
-                    {"name": SERVER_NAME, "version": package_version(), "extensions": extensions},
+                    {"name": SERVER_NAME, "version": __version__, "extensions": extensions},
                 )
             case ["metrics"]:
                 _method(request, "GET")

@@ -135,11 +135,11 @@ def install_agents(
     """Install (or upgrade) the agent on every selected device."""
     from mle_cli.targets._wheels import Wheels, operator_wheel
     from mle_cli.targets.pki import operator_identity
-    from mle_proto import package_version
+    from mle_proto import __version__
 
     hosts = select_hosts(settings, selector)
     _check_options(options)
-    wheel = options.wheel or operator_wheel(settings, package_version(), options.wheelhouse)
+    wheel = options.wheel or operator_wheel(settings, __version__, options.wheelhouse)
     wheels = Wheels(settings, wheel, options.wheelhouse, options.offline)
     _ = wheels.version  # a wrong --wheel fails here, once, not on every host
     operator_identity(settings)  # the project CA and client certificate, made before any thread

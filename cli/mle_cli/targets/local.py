@@ -24,7 +24,7 @@ import psutil
 
 from mle_cli.settings import Settings
 from mle_cli.targets._endpoint import Endpoint
-from mle_proto import package_version
+from mle_proto import __version__
 from mle_proto.errors import AgentUnavailable
 
 __all__ = ["LOCAL", "ensure_local_agent", "local_agent_endpoint", "stop_local_agent"]
@@ -37,7 +37,7 @@ def ensure_local_agent(settings: Settings) -> Endpoint:
     agent_dir = _agent_dir(settings)
     with _locked(agent_dir / "lock"):
         state = _live_state(agent_dir)
-        if state is not None and state.get("version") != package_version():
+        if state is not None and state.get("version") != __version__:
             _terminate(int(state["pid"]))  # an agent of another mle version: replace it
             state = None
         if state is not None:
