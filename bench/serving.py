@@ -25,18 +25,16 @@ import platform
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import psutil
 from _measure import Results  # bench/ is this script's directory
+from _mle import local_agent, mle_command
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -142,32 +140,6 @@ def run_load(
     return figures
 
 
-def mle_command() -> list[str]:
-    return [sys.executable, "-m", "mle_cli"]
-
-
-@contextmanager
-def local_agent(model: Path) -> Iterator[tuple[Path, dict[str, str]]]:
-    """A throwaway project whose local agent is started; stopped on exit."""
-    with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp)
-        env = {**os.environ, "MLE_PROJECT_DIR": str(project)}
-        shutil.copy(model, project / model.name)
-        subprocess.run(
-            [*mle_command(), "agent", "start"],
-            cwd=project,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        try:
-            yield project, env
-        finally:
-            subprocess.run(
-                [*mle_command(), "agent", "stop"], cwd=project, env=env, capture_output=True
-            )
-
-
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -176,7 +148,9 @@ def measure_agent(
     r: Results, model: Path, data: Path, peers: Path, args: argparse.Namespace
 ) -> None:
     """The local agent: idle RSS, deploy, RSS with the model, then the load client over gRPC."""
-    with local_agent(model) as (project, env):
+    with local_agent() as agent:
+        project, env = agent.project, agent.env
+        shutil.copy(model, project / model.name)
         agent_dir = project / ".mle" / "agent"
         state = json.loads((agent_dir / "state.json").read_text())
         token = (agent_dir / "token").read_text().strip()
