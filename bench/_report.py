@@ -36,6 +36,10 @@ def summarize(f: dict[str, float], n: int) -> dict[str, float]:
         if rt != "mle":
             s[f"chain_ratio_mle_vs_{rt}"] = f["mle_chain_s"] / f[f"{rt}_chain_s"]
             s[f"fanout_ratio_mle_vs_{rt}"] = f["mle_fanout_s"] / f[f"{rt}_fanout_s"]
+    if "shim_chain_s" in f:  # bench/_agent_floor.py
+        s["agent_floor_ms_per_step"] = 1000 * (f["shim_chain_s"] + f["agent_rpc_chain_s"]) / n
+    if "agent_floor_ms_per_step" in s and "prefect_chain_body_s" in f:
+        s["prefect_in_flow_third_ms"] = 1000 * f["prefect_chain_body_s"] / n / 3
     return s
 
 
@@ -195,6 +199,18 @@ def markdown_section(
             f"`import prefect`{imported}, the flow run's creation on the server and its end, "
             "which the heartbeat join rounds up to a whole second (¹); that fixed cost is in "
             "wall / N here, as mle's own fixed cost per run is in its figures.",
+        ]
+    if "prefect_in_flow_third_ms" in s:
+        floor, third = s["agent_floor_ms_per_step"], s["prefect_in_flow_third_ms"]
+        lines += [
+            "",
+            "³ The least a chain step can cost through an agent, measured apart in this run "
+            "(bench/_agent_floor.py): its process started through the agent's shim and reaped, "
+            f"{1000 * f['shim_chain_s'] / n:.2f} ms (spawned directly: "
+            f"{1000 * f['floor_chain_s'] / n:.2f} ms), plus one call to the agent answered "
+            f"(a health check), {1000 * f['agent_rpc_chain_s'] / n:.2f} ms: {floor:.2f} ms. "
+            f"A third of Prefect's in-flow chain step is {third:.2f} ms: the floor alone is "
+            f"{floor / third:.2f}× that, before mle records anything in its ledger.",
         ]
     return "\n".join(lines) + "\n"
 

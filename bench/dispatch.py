@@ -5,7 +5,8 @@ Runs N no-op steps (`true`) as a chain and as a fan-out through the real `mle` c
 local agent, and reports wall / steps. Side by side, in the same run, it does the same work (one
 `/bin/sh -c true` process per step, chained and fanned out at the agent's concurrency, its cpu
 count) in each peer that is installed (`pip install -e '.[bench]'`), and always against a floor:
-spawning the same processes directly from Python.
+spawning the same processes directly from Python, and the least a chain step can cost through
+an agent (_agent_floor.py: the process through the agent's shim, plus one call to the agent).
 
 Each peer is measured two ways:
 - per run (a new process each; agent / Prefect server kept running), as a user runs it: every
@@ -54,6 +55,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _agent_floor import measure_agent_floor
 from _measure import Results, best, spawn_true, timed, user_env
 from _mle import chain_recipe, fanout_recipe, local_agent, mle_command
 from _peers import measure_dask, measure_dask_per_run, measure_prefect, measure_prefect_per_run
@@ -70,6 +72,7 @@ def measure_mle(r: Results, n: int, repeat: int) -> None:
         r.figures["mle_one_step_s"] = best(lambda: agent.run(chain_recipe(1), 1), repeat)
         r.figures["mle_chain_s"] = best(lambda: agent.run(chain_recipe(n), n), repeat)
         r.figures["mle_fanout_s"] = best(lambda: agent.run(fanout_recipe(n), n), repeat)
+        measure_agent_floor(r, agent.project, n, repeat)
 
 
 # --- floor ---------------------------------------------------------------------------------------

@@ -85,6 +85,23 @@ def test_dispatch_benchmark_reports_mle_figures_against_the_floor(
     assert "| chain: ms per step" in text and "bench/dispatch.py --steps 5" in text
 
 
+def test_dispatch_benchmark_reports_the_least_a_chain_step_costs_through_an_agent(
+    dispatch: tuple[dict[str, Any], str],
+) -> None:
+    figures, text = dispatch
+    for key in ("shim_chain_s", "agent_rpc_chain_s"):
+        assert figures[key] > 0, key
+    floor = 1000 * (figures["shim_chain_s"] + figures["agent_rpc_chain_s"]) / figures["steps"]
+    assert figures["agent_floor_ms_per_step"] == pytest.approx(floor)
+    if "prefect" in figures["skipped"]:
+        assert "³" not in text  # nothing to compare the floor with
+        pytest.skip(f"prefect not installed: {figures['skipped']['prefect']}")
+    third = 1000 * figures["prefect_chain_body_s"] / figures["steps"] / 3
+    assert figures["prefect_in_flow_third_ms"] == pytest.approx(third)
+    note = next(line for line in text.splitlines() if line.startswith("³"))
+    assert f": {floor:.2f} ms. A third of Prefect's in-flow chain step is {third:.2f} ms" in note
+
+
 @pytest.mark.parametrize("peer", ["dask", "prefect"])
 def test_dispatch_benchmark_compares_with_each_installed_peer(
     dispatch: tuple[dict[str, Any], str], peer: str
