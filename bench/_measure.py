@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -21,6 +22,15 @@ class Results:
     def skip(self, peer: str, reason: str) -> None:
         self.skipped[peer] = reason
         print(f"{peer}: skipped ({reason})", file=sys.stderr)
+
+
+MB = 1_000_000  # throughput in MB/s (10^6 bytes), as scp and the issues' targets count them
+
+
+def console(name: str, module: str) -> list[str]:
+    """The installed console script next to this Python, else `python -m module`."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
 def timed(run: Callable[[], object]) -> float:

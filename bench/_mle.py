@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -11,13 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from _measure import timed, user_env
+from _measure import console, timed, user_env
 
 
 def mle_command() -> list[str]:
     """The installed `mle` next to this Python, else `python -m mle_cli`."""
-    script = Path(sys.executable).parent / "mle"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mle_cli"]
+    return console("mle", "mle_cli")
 
 
 # `cache: false`: every run runs every step (a repeat would otherwise reuse the first's results).

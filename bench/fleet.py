@@ -27,15 +27,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,28 +42,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.ssh_server: the same sshd the SSH tests use
 
-from _measure import Results  # noqa: E402 - bench/ is this script's directory
+from _fleet_report import markdown_section, summarize  # noqa: E402 - bench/ is this script's dir
+from _measure import MB, Results, console  # noqa: E402
+from _ssh_peers import measure_peers  # noqa: E402
 
 from mle_cli.targets._endpoint import Endpoint  # noqa: E402
 from mle_cli.targets.connection import AgentConnection, connect  # noqa: E402
 from mle_proto.store import ArtifactStore  # noqa: E402
-from tests.ssh_server import SshServer, find_sshd, ssh_server  # noqa: E402
 
-MB = 1_000_000  # throughput in MB/s (10^6 bytes), as scp and the issue's target count them
 LOOPBACK = "127.0.0.1"
 RPC_TIMEOUT = 120.0
-
-
-def console(name: str, module: str) -> list[str]:
-    """The installed console script next to this Python, else `python -m module`."""
-    script = Path(sys.executable).parent / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 # --- agents --------------------------------------------------------------------------------------
@@ -309,224 +295,6 @@ def measure_transfer(r: Results, args: argparse.Namespace, tmp: Path) -> None:
         mle_reship_ms=1000 * out["reship_s"],
         transfer_bytes=size,
     )
-
-
-# --- transfer: peers -----------------------------------------------------------------------------
-
-
-def measure_peers(r: Results, args: argparse.Namespace, source: Path, tmp: Path) -> None:
-    """paramiko SFTP (defaults, tuned) and OpenSSH scp of the same file to one sshd."""
-    if find_sshd() is None:
-        reason = "OpenSSH sshd is not installed (Debian: apt-get install openssh-server)"
-        for peer in ("sftp", "scp"):
-            r.skip(peer, reason)
-        return
-    try:
-        import paramiko
-    except ImportError as e:
-        r.skip("sftp", f"{e} (pip install paramiko)")
-        paramiko = None
-    with ssh_server(tmp / "sshd") as sshd:
-        remote = tmp / "sshd-received.bin"
-        size = source.stat().st_size
-        if paramiko is not None:
-            r.versions["paramiko"] = paramiko.__version__
-            for kind, put in (("sftp_default", sftp_default), ("sftp_tuned", sftp_tuned)):
-                seconds = best_of(args.repeat, lambda put=put: put(sshd, source, remote), remote)
-                r.figures[f"{kind}_mbps"] = size / MB / seconds
-        if shutil.which("scp") is None:
-            r.skip("scp", "the OpenSSH client is not installed (Debian: openssh-client)")
-            return
-        r.versions["openssh"] = openssh_version()
-        tiny = tmp / "one-byte"
-        tiny.write_bytes(b"x")
-        setup = best_of(args.repeat, lambda: scp(sshd, tiny, remote), remote)
-        wall = best_of(args.repeat, lambda: scp(sshd, source, remote), remote)
-        r.figures.update(scp_setup_s=setup, scp_wall_s=wall)
-        r.figures["scp_mbps"] = size / MB / max(wall - setup, 1e-9)
-        r.figures["scp_wall_mbps"] = size / MB / wall
-
-
-def best_of(repeat: int, put: Callable[[], float], remote: Path) -> float:
-    """The fastest of `repeat` uploads (the received file is deleted after each)."""
-    times = []
-    for _ in range(repeat):
-        times.append(put())
-        remote.unlink(missing_ok=True)
-    return min(times)
-
-
-def ssh_client(sshd: SshServer) -> Any:
-    """A paramiko client verifying the host key against the server's known_hosts."""
-    import paramiko
-
-    client = paramiko.SSHClient()
-    client.load_host_keys(str(sshd.known_hosts))
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(
-        sshd.host, port=sshd.port, username=sshd.user, key_filename=str(sshd.client_key),
-        allow_agent=False, look_for_keys=False, timeout=30,
-    )  # fmt: skip
-    return client
-
-
-def sftp_default(sshd: SshServer, source: Path, remote: Path) -> float:
-    """`SFTPClient.put` as paramiko ships it (pipelined 32 KiB writes, 2 MiB window)."""
-    client = ssh_client(sshd)
-    try:
-        sftp = client.open_sftp()
-        seconds = timed(lambda: sftp.put(str(source), str(remote)))
-        sftp.close()
-    finally:
-        client.close()
-    return seconds
-
-
-# sftp-server accepts messages up to 256 KiB: 255 KiB of data per write request leaves room for
-# the header. AES-GCM needs no separate MAC pass; paramiko prefers AES-CTR + HMAC by default.
-SFTP_REQUEST = 255 * 1024
-SFTP_WINDOW = 64 * 1024 * 1024
-SFTP_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr")
-
-
-def sftp_tuned(sshd: SshServer, source: Path, remote: Path) -> float:
-    """Pipelined SFTP writes of 255 KiB from 4 MiB reads, a 64 MiB window, AES-GCM."""
-    import paramiko
-
-    sock = socket_to(sshd)
-    transport = paramiko.Transport(sock, default_window_size=SFTP_WINDOW)
-    try:
-        transport.get_security_options().ciphers = SFTP_CIPHERS
-        host_keys = paramiko.HostKeys(str(sshd.known_hosts))
-        transport.connect(username=sshd.user, pkey=paramiko.Ed25519Key(filename=sshd.client_key))
-        expected = host_keys.lookup(f"[{sshd.host}]:{sshd.port}")
-        key = transport.get_remote_server_key()
-        if expected is None or expected.get(key.get_name()) != key:
-            raise SystemExit("sshd presented a host key not in its known_hosts")
-        sftp = paramiko.SFTPClient.from_transport(transport, window_size=SFTP_WINDOW)
-        assert sftp is not None
-        return timed(lambda: tuned_put(sftp, source, remote))
-    finally:
-        transport.close()
-
-
-def tuned_put(sftp: Any, source: Path, remote: Path) -> None:
-    with source.open("rb") as src, sftp.open(str(remote), "wb") as dst:
-        dst.set_pipelined(True)
-        dst.MAX_REQUEST_SIZE = SFTP_REQUEST
-        while chunk := src.read(4 * 1024 * 1024):
-            dst.write(chunk)
-    if sftp.stat(str(remote)).st_size != source.stat().st_size:
-        raise SystemExit("tuned SFTP put: size mismatch")
-
-
-def socket_to(sshd: SshServer) -> Any:
-    import socket
-
-    return socket.create_connection((sshd.host, sshd.port), timeout=30)
-
-
-def scp(sshd: SshServer, source: Path, remote: Path) -> float:
-    """Wall seconds of one `scp` (process start, handshake, transfer)."""
-    argv = sshd.scp_argv(source, str(remote))
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"scp failed: {done.stderr.strip()}")
-    return wall
-
-
-def openssh_version() -> str:
-    done = subprocess.run(["ssh", "-V"], capture_output=True, text=True)
-    return (done.stderr or done.stdout).split(",")[0].strip()
-
-
-# --- report --------------------------------------------------------------------------------------
-
-
-def summarize(f: dict[str, float]) -> dict[str, float]:
-    """Ratios in the same run: mle's throughput over each peer's (above 1: mle is faster)."""
-    out: dict[str, float] = {}
-    if "agents_cached_p50_s" in f:
-        out["agents_browse_vs_cached"] = f["agents_browse_p50_s"] / f["agents_cached_p50_s"]
-    for peer in ("scp", "sftp_default", "sftp_tuned"):
-        if f"{peer}_mbps" in f:
-            out[f"move_vs_{peer}"] = f["mle_move_mbps"] / f[f"{peer}_mbps"]
-            out[f"ship_vs_{peer}"] = f["mle_ship_mbps"] / f[f"{peer}_mbps"]
-    return out
-
-
-def markdown_section(args: argparse.Namespace, r: Results, s: dict[str, float]) -> str:
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    command = (
-        f"python bench/fleet.py --repeat {args.repeat} --browse-window {args.browse_window:g} "
-        f"--size-mb {args.size_mb} --section {args.section} --out bench/RESULTS.md"
-    )
-    lines = [
-        f"## fleet — {time.strftime('%Y-%m-%d %H:%M')} ({machine})",
-        "",
-        f"Command: `{command}`.",
-    ]
-    if "discovery_listed_p50_s" in r.figures:
-        lines += discovery_rows(r.figures, s)
-    if "mle_move_mbps" in r.figures:
-        lines += transfer_rows(args, r.figures, s)
-    if r.versions:
-        lines += [
-            "",
-            "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items())) + ".",
-        ]
-    if r.skipped:
-        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in r.skipped.items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def discovery_rows(f: dict[str, float], s: dict[str, float]) -> list[str]:
-    n, window = int(f["discovery_repeat"]), f["discovery_browse_window_s"]
-    return [
-        "",
-        f"Discovery ({n} agent starts; browses of {window:g} s back to back from the spawn, so "
-        f"a figure is at most {window:g} s late):",
-        "",
-        "| measure | p50 | max | target |",
-        "|---|---|---|---|",
-        f"| `mle-agentd --announce` spawned → listed by a browse (s) | {f['discovery_listed_p50_s']:.2f} "
-        f"| {f['discovery_listed_max_s']:.2f} | ~2 |",
-        f"| spawned → listening (state file written) (s) | {f['discovery_listening_p50_s']:.2f} "
-        f"| {f['discovery_listening_max_s']:.2f} | |",
-        "",
-        f"`mle agents --json`, agent up (p50 of {n}): browsing {f['agents_browse_p50_s']:.2f} s, "
-        f"`--cached` {f['agents_cached_p50_s']:.2f} s; browsing / cached = "
-        f"{s['agents_browse_vs_cached']:.2f}×.",
-    ]
-
-
-def transfer_rows(args: argparse.Namespace, f: dict[str, float], s: dict[str, float]) -> list[str]:
-    def mbps(key: str) -> str:
-        return f"{f[key]:.0f}" if key in f else "n/a"
-
-    def ratio(key: str) -> str:
-        return f"{s[key]:.2f}×" if key in s else "n/a"
-
-    size = f["transfer_bytes"] / MB
-    return [
-        "",
-        f"Transfer of one {size:.0f} MB random artifact (best of {args.repeat}), MB/s = 10^6 bytes/s:",
-        "",
-        "| path | MB/s | mle move / it | mle ship / it | target |",
-        "|---|---|---|---|---|",
-        f"| mle A → B end to end (fetch to the operator's store, then ship) | {mbps('mle_move_mbps')} | | | ≥ 300 |",
-        f"| mle fetch A → operator store | {mbps('mle_fetch_mbps')} | | | |",
-        f"| mle ship operator store → B | {mbps('mle_ship_mbps')} | | | |",
-        f"| OpenSSH scp → sshd (net of its {1000 * f.get('scp_setup_s', 0):.0f} ms setup) | {mbps('scp_mbps')} | {ratio('move_vs_scp')} | {ratio('ship_vs_scp')} | |",
-        f"| paramiko SFTP put, defaults | {mbps('sftp_default_mbps')} | {ratio('move_vs_sftp_default')} | {ratio('ship_vs_sftp_default')} | |",
-        f"| paramiko SFTP, tuned (255 KiB pipelined writes, 64 MiB window, AES-GCM) | {mbps('sftp_tuned_mbps')} | {ratio('move_vs_sftp_tuned')} | {ratio('ship_vs_sftp_tuned')} | |",
-        "",
-        f"Dedup: a second ship of the same digest to B, on a new connection, took "
-        f"{f['mle_reship_ms']:.1f} ms (one Stat call; nothing sent). scp wall including its "
-        f"setup: {f.get('scp_wall_mbps', 0):.0f} MB/s.",
-    ]
 
 
 def main() -> int:

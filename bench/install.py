@@ -35,21 +35,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.ssh_server: the same sshd the SSH tests use
 
+from _measure import MB, console  # noqa: E402 - bench/ is this script's directory
+
 from mle_cli.settings import load_settings  # noqa: E402
 from mle_cli.targets._wheels import dependency_wheels, operator_wheel  # noqa: E402
 from mle_proto import __version__  # noqa: E402
 from tests.ssh_server import SshServer, find_sshd, ssh_server  # noqa: E402
 
-MB = 1_000_000
 WHEELHOUSE = REPO / ".wheelhouse"
 NAME = "bench-01"
 UPLOAD = re.compile(r"upload: (\d+) wheels?, ([\d.]+) MB at ([\d.]+) MB/s")
-
-
-def console(name: str, module: str) -> list[str]:
-    """The installed console script next to this Python, else `python -m module`."""
-    script = Path(sys.executable).parent / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
 MLE = console("mle", "mle_cli")
