@@ -20,7 +20,7 @@ from _measure import Results, best, timed
 
 def shim_chain(n: int) -> float:
     """Seconds for N `true` processes, one after another, each started as the agent starts a
-    task: `sh shim.sh STATUS /bin/sh -c true` in a new session, output to files."""
+    task: `sh shim.sh STATUS /bin/sh -c true` in a new session, its output to a file."""
     from mle_agent.runner import SHIM
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,14 +30,16 @@ def shim_chain(n: int) -> float:
         def one() -> None:
             with out.open("wb") as log:
                 subprocess.run(argv, stdout=log, stderr=log, start_new_session=True, check=True)
-            if status.read_text().strip() != "0":
-                raise SystemExit(f"the shim recorded {status.read_text()!r}, not 0")
+            recorded = status.read_text().strip() if status.exists() else "no status"
+            if recorded != "0":
+                raise SystemExit(f"the shim recorded {recorded!r}, not 0")
 
         return timed(lambda: [one() for _ in range(n)])
 
 
 def rpc_round_trips(project: Path, n: int) -> float:
     """Seconds for N health checks, one after another, to the project's local agent."""
+    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from mle_cli.settings import load_settings
@@ -50,6 +52,8 @@ def rpc_round_trips(project: Path, n: int) -> float:
         raise SystemExit(f"no local agent is running in {project}")
     metadata = ((AUTH_METADATA_KEY, f"Bearer {endpoint.token}"),)
 
+    serving = health_pb2.HealthCheckResponse.SERVING
+
     async def calls() -> float:
         async with open_channel(endpoint) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -58,10 +62,17 @@ def rpc_round_trips(project: Path, n: int) -> float:
             loop = asyncio.get_running_loop()
             start = loop.time()
             for _ in range(n):
-                await health.Check(request, metadata=metadata, timeout=10)
+                answer = await health.Check(request, metadata=metadata, timeout=10)
+                if answer.status != serving:
+                    raise SystemExit(f"the local agent is not serving: {answer}")
             return loop.time() - start
 
-    return asyncio.run(calls())
+    try:
+        return asyncio.run(calls())
+    except grpc.RpcError as e:
+        raise SystemExit(
+            f"health check of the local agent failed: {e.code()} {e.details()}"
+        ) from None
 
 
 def measure_agent_floor(r: Results, project: Path, n: int, repeat: int) -> None:

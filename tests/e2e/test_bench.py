@@ -100,6 +100,8 @@ def test_dispatch_benchmark_reports_the_least_a_chain_step_costs_through_an_agen
     assert figures["prefect_in_flow_third_ms"] == pytest.approx(third)
     note = next(line for line in text.splitlines() if line.startswith("³"))
     assert f": {floor:.2f} ms. A third of Prefect's in-flow chain step is {third:.2f} ms" in note
+    work = 1000 * figures["floor_chain_s"] / figures["steps"]  # the step's own process
+    assert f"the floor is {floor - work:.2f} ms against a third of {third - work / 3:.2f}" in note
 
 
 @pytest.mark.parametrize("peer", ["dask", "prefect"])
