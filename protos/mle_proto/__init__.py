@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AUTH_METADATA_KEY", "PROTO_VERSION", "__version__"]
+__all__ = ["AUTH_METADATA_KEY", "MAX_UINT32", "PROTO_VERSION", "__version__"]
 
 # The one place the version is written: the build reads it from here (pyproject.toml), and no
 # `mle` command pays ~12 ms for importlib.metadata to find it.
@@ -10,3 +10,5 @@ __version__ = "0.1.0"
 PROTO_VERSION = "v1"
 # Bearer token header carried by every call to a token-protected agent.
 AUTH_METADATA_KEY = "authorization"
+# Model versions and batch sizes travel as uint32.
+MAX_UINT32 = 2**32 - 1

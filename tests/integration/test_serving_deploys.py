@@ -87,6 +87,19 @@ def test_the_same_file_with_other_batching_is_a_new_version(registry: ModelRegis
     assert (plain.version, plain.created, shares(plain.model)) == (1, False, [(1, 100.0)])
 
 
+def test_a_new_version_above_the_highest_a_version_can_be_is_refused(
+    registry: ModelRegistry,
+) -> None:
+    top = 2**32 - 1  # versions travel as uint32
+    assert deploy(registry, FP32, version=top).version == top
+    with pytest.raises(FailedPrecondition, match=f"version {top} is the highest there can be"):
+        deploy(registry, INT8)  # the next one would be 2**32
+    # Nothing was recorded: the model still lists, served by the version it had.
+    assert [v.version for v in model_status(registry).versions] == [top]
+    assert shares(model_status(registry)) == [(top, 100.0)]
+    assert deploy(registry, INT8, version=7).version == 7
+
+
 def test_redeploying_after_a_crash_mid_deploy_serves_the_version(tmp_path: Path) -> None:
     x, _ = digit_rows()
     settings = registry_settings(tmp_path)

@@ -26,6 +26,7 @@ from mle_agent.serving.repository import KEEP_OLD, UNLOAD_FIRST, Manifest
 from mle_agent.serving.routing import Route
 from mle_agent.serving.runtimes import available_runtimes, detect_runtime, not_installed
 from mle_agent.serving.validation import LoadCheck, check_digest, check_load, check_signature
+from mle_proto import MAX_UINT32
 from mle_proto.errors import AlreadyExists, FailedPrecondition, InvalidInput, MleError, NotFound
 from mle_proto.store import parse_digest
 from mle_proto.v1 import agent_pb2 as pb
@@ -104,6 +105,7 @@ def verify_file(registry: ModelRegistry, manifest: Manifest, path: Path) -> None
 def new_manifest(registry: ModelRegistry, model: ModelState, request: pb.DeployRequest) -> Manifest:
     """Check the file and the request; the manifest of the version to create."""
     _check_options(model.name, request)
+    version = request.version or _next_version(model)
     path = _stored(registry, request)
     label = request.filename or request.digest
     with _naming(path, label):
@@ -120,7 +122,7 @@ def new_manifest(registry: ModelRegistry, model: ModelState, request: pb.DeployR
         _check_batchable(model.name, check)
     return Manifest(
         name=model.name,
-        version=request.version or max(model.manifests, default=0) + 1,
+        version=version,
         digest=request.digest,
         runtime=runtime,
         filename=request.filename,
@@ -134,6 +136,17 @@ def new_manifest(registry: ModelRegistry, model: ModelState, request: pb.DeployR
         max_queue_delay=request.batching.max_queue_delay_seconds,
         swap=UNLOAD_FIRST if request.swap == pb.SWAP_MODE_UNLOAD_FIRST else KEEP_OLD,
     )
+
+
+def _next_version(model: ModelState) -> int:
+    """One above the highest version; versions travel as uint32, so there may be none."""
+    version = max(model.manifests, default=0) + 1
+    if version > MAX_UINT32:
+        raise FailedPrecondition(
+            f"model {model.name}: version {MAX_UINT32} is the highest there can be; deploy with "
+            "--version N for a free N, or undeploy that version first"
+        )
+    return version
 
 
 def swap_in(

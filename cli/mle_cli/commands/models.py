@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mle_cli.commands._common import settings_from
+from mle_proto import MAX_UINT32
 
 __all__ = ["register"]
 
@@ -15,7 +16,6 @@ TargetOpt = Annotated[
     str,
     typer.Option("--target", "-t", help="Where: a target name (e.g. local).", show_default=False),
 ]
-MAX_UINT32 = 2**32 - 1  # versions and batch sizes travel as uint32
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
