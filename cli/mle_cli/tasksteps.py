@@ -32,6 +32,7 @@ __all__ = [
 
 ExecutorFactory = Callable[[str], Awaitable[Executor]]
 _MAX_METRICS_BYTES = 1024 * 1024
+_MAX_METRICS_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -316,8 +317,12 @@ class TaskSteps:
             data = json.loads(self._store.path_of(output.digest).read_bytes())
         except (OSError, ValueError) as e:
             raise MleError(f"{where} is not valid JSON: {e}") from None
+        except RecursionError:  # step output is hostile: `[[[[...` a million deep
+            raise MleError(_too_deep(where)) from None
         if not isinstance(data, dict):
             raise MleError(f"{where} must hold a JSON object, not {type(data).__name__}")
+        if _depth(data) > _MAX_METRICS_DEPTH:  # the ledger stores and reloads it as JSON
+            raise MleError(_too_deep(where))
         return data
 
     def record_results(self, step_id: str, outcome: StepOutcome) -> None:
@@ -383,3 +388,19 @@ def _prior_result(attempt: PriorAttempt) -> TaskUpdate:
         exit_code=attempt.exit_code,
         outputs=attempt.outputs,
     )
+
+
+def _too_deep(where: str) -> str:
+    return f"{where} nests deeper than {_MAX_METRICS_DEPTH} levels; write flatter metrics"
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON lists and objects nest in value, counted without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            level.extend((child, depth + 1) for child in children)
+    return deepest

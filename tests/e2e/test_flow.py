@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+
+import pytest
 
 from tests.conftest import Project
 
@@ -214,3 +217,25 @@ def test_a_second_run_is_served_from_the_cache_and_plan_says_why(project: Projec
     third = project.mle("run", "sweep.yaml", "-p", "auto=true", "--no-cache")
     assert third.returncode == 0, third.stderr
     assert set(_steps(project).values()) == {"succeeded"}
+
+
+def _nested(depth: int) -> str:
+    """A shell command that writes `depth` nested JSON lists into metrics.json."""
+    opens = f"head -c {depth} /dev/zero | tr '\\0' '['"
+    closes = f"head -c {depth} /dev/zero | tr '\\0' ']'"
+    return f"{{ printf '{{\"a\": '; {opens}; {closes}; printf '}}'; }} > metrics.json"
+
+
+@pytest.mark.parametrize("depth", [100_000, 40])
+def test_a_metrics_file_nested_too_deep_fails_its_step_in_one_line(
+    project: Project, depth: int
+) -> None:
+    recipe = f"name: deep\nsteps:\n  s:\n    run: {json.dumps(_nested(depth))}\n"
+    (project.root / "deep.yaml").write_text(recipe + "    metrics: metrics.json\n")
+    proc = project.mle("run", "deep.yaml", "--no-live")
+    assert proc.returncode == 10, proc.stderr
+    assert "internal error" not in proc.stdout + proc.stderr
+    reason = "step s: metrics file metrics.json nests deeper than 32 levels; write flatter metrics"
+    [step] = project.rows("SELECT status, message FROM steps WHERE step_id = 's'")
+    assert (step["status"], step["message"]) == ("failed", reason)
+    assert project.rows("SELECT * FROM metrics") == []
