@@ -135,12 +135,18 @@ def timeline_dict(timeline: Timeline) -> dict[str, Any]:
     }
 
 
-def write_html(timeline: Timeline, path: Path) -> Path:
-    """Write the timeline as one self-contained HTML page; return the path written."""
+def write_html(timeline: Timeline, path: Path, state_dir: Path) -> Path:
+    """Write the timeline as one self-contained HTML page; return the path written. Never
+    inside `state_dir` (the project's `.mle/`): a page over the ledger would erase every run."""
     from mle_cli._trace_html import render_html
 
     if path.is_dir():
         raise InvalidInput(f"cannot write the trace to {path}: it is a directory")
+    if path.resolve().is_relative_to(state_dir.resolve()):
+        raise InvalidInput(
+            f"cannot write the trace to {path}: {state_dir} holds mle's own state (the ledger, "
+            "the artifacts); choose a file outside it"
+        )
     try:
         path.write_text(render_html(timeline), encoding="utf-8")
     except OSError as e:

@@ -217,9 +217,23 @@ def test_html_escapes_everything_from_the_ledger(tmp_path: Path) -> None:
 
 
 def test_writing_the_page_refuses_a_directory_or_a_missing_folder(tmp_path: Path) -> None:
-    timeline = _timeline()
-    assert write_html(timeline, tmp_path / "t.html").read_text().startswith("<!doctype html>")
+    timeline, state = _timeline(), tmp_path / ".mle"
+    page = write_html(timeline, tmp_path / "t.html", state)
+    assert page.read_text().startswith("<!doctype html>")
     with pytest.raises(InvalidInput, match=r"^cannot write the trace to .*: it is a directory$"):
-        write_html(timeline, tmp_path)
+        write_html(timeline, tmp_path, state)
     with pytest.raises(InvalidInput, match=r": No such file or directory$"):
-        write_html(timeline, tmp_path / "nowhere" / "t.html")
+        write_html(timeline, tmp_path / "nowhere" / "t.html", state)
+
+
+def test_writing_the_page_never_goes_into_the_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / ".mle"
+    state.mkdir()
+    ledger = state / "ledger.db"
+    ledger.write_bytes(b"SQLite format 3\x00")
+    (tmp_path / "link").symlink_to(state)
+    for path in (ledger, state / "new.html", tmp_path / "link" / "ledger.db"):
+        with pytest.raises(InvalidInput, match=r"holds mle's own state .*; choose a file outside"):
+            write_html(_timeline(), path, state)
+    assert ledger.read_bytes() == b"SQLite format 3\x00"
+    assert sorted(p.name for p in state.iterdir()) == ["ledger.db"]

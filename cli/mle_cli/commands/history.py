@@ -133,7 +133,7 @@ def trace(
     with _ledger(ctx) as ledger:
         timeline = build_timeline(ledger, run)
     if html is not None:
-        written = write_html(timeline, html)
+        written = write_html(timeline, html, settings_from(ctx).mle_dir)
         (sys.stderr if json_out else sys.stdout).write(f"wrote {written}\n")
     if json_out:
         render.print_json(timeline_dict(timeline))
