@@ -7,6 +7,7 @@ Precedence: defaults < user config (~/.config/mle/config.toml) < project config 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -100,9 +101,25 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read config: {e}") from None
 
 
+# Seconds may be 0 only where 0 means "not at all" (browse no mDNS); elsewhere 0, a negative or a
+# non-finite duration would fail every call, declare every agent lost, or never end.
+_ZERO_SECONDS_OK = {"mdns_browse_seconds"}
+_MAX_COUNT = 2**31 - 1  # slots travel as int32; ledger rows kept have no use beyond
+
+
 def _coerce(name: str, type_name: object, value: Any) -> Any:
     kind = {"float": float, "int": int}.get(str(type_name), str)
     try:
-        return kind(value)
-    except (TypeError, ValueError):
+        coerced = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(f"setting {name}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and not _seconds_ok(name, coerced):
+        least = "0 or more" if name in _ZERO_SECONDS_OK else "more than 0"
+        raise UsageError(f"setting {name}: expected seconds, {least}, got {value!r}")
+    if kind is int and not 0 <= coerced <= _MAX_COUNT:
+        raise UsageError(f"setting {name}: expected 0 to {_MAX_COUNT}, got {value!r}")
+    return coerced
+
+
+def _seconds_ok(name: str, seconds: float) -> bool:
+    return math.isfinite(seconds) and (seconds > 0 or (seconds == 0 and name in _ZERO_SECONDS_OK))

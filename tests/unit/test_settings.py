@@ -1,0 +1,56 @@
+"""Operator settings: precedence, and every bad value refused in one line before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mle_cli.settings import load_settings
+from mle_proto.errors import UsageError
+
+
+def test_env_beats_the_project_config_and_flags_beat_both(tmp_path: Path) -> None:
+    (tmp_path / ".mle").mkdir()
+    (tmp_path / ".mle" / "config.toml").write_text("rpc_timeout = 30\nagent_grace = 12\n")
+    env = {"MLE_AGENT_GRACE": "7.5", "XDG_CONFIG_HOME": str(tmp_path / "none")}
+    settings = load_settings(tmp_path, env, agent_start_timeout=3.0)
+    assert (settings.rpc_timeout, settings.agent_grace) == (30.0, 7.5)
+    assert settings.agent_start_timeout == 3.0
+    assert load_settings(tmp_path, {**env, "MLE_MDNS_BROWSE_SECONDS": "0"}).mdns_browse_seconds == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("rpc_timeout", "abc", "setting rpc_timeout: expected float, got 'abc'"),
+        ("rpc_timeout", "0", "setting rpc_timeout: expected seconds, more than 0, got '0'"),
+        ("agent_grace", "-5", "setting agent_grace: expected seconds, more than 0, got '-5'"),
+        ("heartbeat_interval", "nan", "setting heartbeat_interval: expected seconds, more than 0, "
+         "got 'nan'"),
+        ("agent_start_timeout", "inf", "setting agent_start_timeout: expected seconds, more than "
+         "0, got 'inf'"),
+        ("mdns_browse_seconds", "-1", "setting mdns_browse_seconds: expected seconds, 0 or more, "
+         "got '-1'"),
+        ("local_agent_slots", "99999999999999999999", "setting local_agent_slots: expected 0 to "
+         "2147483647, got '99999999999999999999'"),
+        ("agent_metrics_keep", "-1", "setting agent_metrics_keep: expected 0 to 2147483647, "
+         "got '-1'"),
+        ("local_agent_slots", "1e400", "setting local_agent_slots: expected int, got '1e400'"),
+    ],
+)  # fmt: skip
+def test_a_bad_setting_is_one_line_naming_it(
+    tmp_path: Path, name: str, value: str, message: str
+) -> None:
+    env = {f"MLE_{name.upper()}": value, "XDG_CONFIG_HOME": str(tmp_path / "none")}
+    with pytest.raises(UsageError) as caught:
+        load_settings(tmp_path, env)
+    assert str(caught.value) == message
+
+
+def test_a_non_finite_number_in_a_config_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".mle").mkdir()
+    (tmp_path / ".mle" / "config.toml").write_text("local_agent_slots = inf\n")
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "none")}
+    with pytest.raises(UsageError, match=r"^setting local_agent_slots: expected int, got inf$"):
+        load_settings(tmp_path, env)
