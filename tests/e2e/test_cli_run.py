@@ -116,6 +116,16 @@ def test_runs_show_and_logs_tell_what_happened(project: Project) -> None:
     assert steps_logged == {"prepare", "count", "shout", "report"}
 
 
+def test_runs_refuses_a_limit_it_cannot_use(project: Project) -> None:
+    project.mle("run", "recipes/hello.yaml", check=True)  # a ledger with a run to list
+    for limit in ("99999999999999999999", "0", "-1"):
+        proc = project.mle("runs", "-n", limit)
+        assert proc.returncode == 2, proc.stderr
+        first = proc.stderr.splitlines()[0]
+        assert first.startswith("error: mle runs: Invalid value for '--limit' / '-n': "), first
+        assert "range 1<=x<=1000000" in first and proc.stdout == ""
+
+
 def test_output_that_cannot_be_written_is_an_error_not_a_success(project: Project) -> None:
     env = {k: v for k, v in project.env.items() if k != "PYTHONUNBUFFERED"}  # written at exit
     if not Path("/dev/full").exists():

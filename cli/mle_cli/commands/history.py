@@ -41,7 +41,9 @@ def _ledger(ctx: typer.Context) -> Iterator[Ledger]:
 
 def runs(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 20,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", help="How many runs.", min=1, max=1_000_000)
+    ] = 20,
     json_out: JsonOpt = False,
 ) -> None:
     """List recent runs, newest first.
