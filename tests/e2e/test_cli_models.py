@@ -162,6 +162,11 @@ def test_errors_are_one_line_and_leave_the_agent_serving(project: Project) -> No
         missing.stderr, r"error: nope\.onnx is neither a model file nor a model deployed on local"
     )
 
+    # An unknown name is looked for by mDNS first; zeroconf must not add a warning line.
+    elsewhere = project.mle("deploy", str(FP32), "--target", "nosuch")
+    assert elsewhere.returncode == 4
+    _assert_one_error_line(elsewhere.stderr, r"error: unknown target 'nosuch'; known targets: .*")
+
     (project.root / "notes.onnx").write_text("these are notes, not a model\n" * 20)
     text = project.mle("deploy", "notes.onnx", "--target", "local")
     assert text.returncode == 2, text.stderr

@@ -106,10 +106,17 @@ def deploy_model(settings: Settings, options: DeployOptions) -> DeployOutcome:
     path = Path(options.model)
     if path.is_file():
         _check_file_options(options)
-        outcome, record = asyncio.run(_deploy_file(settings, options, path))
+        name = check_model_name(options.name or default_name(path), given=bool(options.name))
+        options = replace(options, name=name)
     else:
         _check_route_options(options)
-        outcome, record = asyncio.run(_change_route(settings, options))
+    # Resolved outside the event loop: a name found by mDNS browses with zeroconf's own threads,
+    # which refuse to close from inside a running loop (a warning on stderr).
+    endpoint = resolve_target(options.target, settings)
+    if path.is_file():
+        outcome, record = asyncio.run(_deploy_file(settings, options, path, endpoint))
+    else:
+        outcome, record = asyncio.run(_change_route(settings, options, endpoint))
     ledger = Ledger(settings.ledger_path)
     try:
         deployments.record_deployment(ledger, record)
@@ -138,9 +145,8 @@ def _check_route_options(options: DeployOptions) -> None:
 
 
 async def _deploy_file(
-    settings: Settings, options: DeployOptions, path: Path
+    settings: Settings, options: DeployOptions, path: Path, endpoint: Endpoint
 ) -> tuple[DeployOutcome, DeploymentRecord]:
-    name = check_model_name(options.name or default_name(path), given=bool(options.name))
     store = ArtifactStore(settings.artifacts_dir)
     try:
         digest, size = store.put_file(path)
@@ -148,11 +154,8 @@ async def _deploy_file(
         raise InvalidInput(f"cannot read {path}: {e.strerror or e}") from None
     source_run, source_step = _lineage(settings, digest)
     model = ModelFile(digest, size, path.name, source_run, source_step)
-    endpoint = resolve_target(options.target, settings)
     async with open_client(endpoint, settings.rpc_timeout) as client:
-        return await deploy_file(
-            client, endpoint, settings, store, model, replace(options, name=name)
-        )
+        return await deploy_file(client, endpoint, settings, store, model, options)
 
 
 def check_model_name(name: str, *, given: bool = True) -> str:
@@ -273,9 +276,8 @@ def _deployed(
 
 
 async def _change_route(
-    settings: Settings, options: DeployOptions
+    settings: Settings, options: DeployOptions, endpoint: Endpoint
 ) -> tuple[DeployOutcome, DeploymentRecord]:
-    endpoint = resolve_target(options.target, settings)
     async with open_client(endpoint, settings.rpc_timeout) as client:
         status = await _served(client, options.model)
         if not options.rollback and options.route.empty:
