@@ -94,9 +94,9 @@ def print_error(message: str, hint: str = "") -> None:
     from rich.markup import escape
 
     console = stderr_console()
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {escape(printable(message))}")
     if hint:
-        console.print(f"[dim]hint: {escape(hint)}[/]")
+        console.print(f"[dim]hint: {escape(printable(hint))}[/]")
 
 
 def print_json(data: Any) -> None:
@@ -187,7 +187,7 @@ def _cell(column: str, value: Any) -> str:
         return "-"
     if column == "status":
         return styled_status(str(value))
-    return escape(str(value))
+    return escape(printable(str(value)))
 
 
 class PlainProgress:
@@ -351,11 +351,10 @@ def print_run(run: Mapping[str, Any]) -> None:
         f"started {ago(run['started'])}"
     )
     if run.get("message"):
-        console.print(f"  {escape(run['message'])}")
+        console.print(f"  {escape(printable(run['message']))}")
     if run["params"]:
-        console.print(
-            "  params: " + escape(", ".join(f"{k}={v}" for k, v in run["params"].items()))
-        )
+        params = ", ".join(f"{k}={v}" for k, v in run["params"].items())
+        console.print("  params: " + escape(printable(params)))
     rows = [
         {
             "step": s["step_id"],
