@@ -26,11 +26,12 @@ from mle_proto.errors import (
     InvalidInput,
     MleError,
     NotFound,
+    UsageError,
 )
 from mle_proto.store import ArtifactStore
 
 if TYPE_CHECKING:
-    pass
+    from pathlib import Path
 
 __all__ = [
     "RunControl",
@@ -81,8 +82,10 @@ class RunControl:
                 self.detach()
 
 
-def load_resumable(settings: Settings, run_ref: str | None) -> tuple[Plan, str]:
-    """The plan and id of a run that can be resumed."""
+def load_resumable(
+    settings: Settings, run_ref: str | None, recipe: Path | None = None
+) -> tuple[Plan, str]:
+    """The plan and id of a run that can be resumed; with `recipe`, the run must be of it."""
     if not settings.ledger_path.exists():
         raise NotFound("no runs yet; start one with `mle run RECIPE`")
     from mle_cli.recipe import plan_from_json
@@ -95,9 +98,23 @@ def load_resumable(settings: Settings, run_ref: str | None) -> tuple[Plan, str]:
         ledger.close()
     if not run["plan"]:
         raise FailedPrecondition(f"run {run_id} was recorded without its plan; it cannot resume")
+    plan = plan_from_json(run["plan"])
+    if recipe is not None and _other_files(recipe, plan.source):
+        raise UsageError(
+            f"run {run_id} was started from {plan.source}, not {recipe}",
+            hint=f"mle resume {run_id}",
+        )
     with run_lock(settings, run_id):  # fail now, before any progress is shown
         pass
-    return plan_from_json(run["plan"]), run_id
+    return plan, run_id
+
+
+def _other_files(a: Path, b: Path) -> bool:
+    """Whether both paths name files, and not the same one (a moved recipe is no proof)."""
+    try:
+        return not os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 async def execute_plan(

@@ -113,6 +113,34 @@ def test_resume_re_attaches_to_a_task_that_kept_running(project: Project) -> Non
     _assert_converged(project, trail)
 
 
+def test_run_with_resume_continues_that_run_and_refuses_what_it_would_ignore(
+    project: Project,
+) -> None:
+    trail = _setup(project)
+    (project.root / "other.yaml").write_text("name: other\nsteps:\n  s: {run: 'true'}\n")
+    project.env["MLE_FAULT"] = POINTS[0]
+    assert project.mle("run", "r.yaml").returncode == -signal.SIGKILL
+    del project.env["MLE_FAULT"]
+    run_id = _run_id(project)
+
+    params = project.mle("run", "r.yaml", "--resume", run_id, "-p", "trail=elsewhere.log")
+    assert params.returncode == 2
+    assert params.stderr.splitlines() == [
+        "error: -p does not apply with --resume: a run resumes with its own params"
+    ]
+    other = project.mle("run", "other.yaml", "--resume", run_id)
+    assert other.returncode == 2
+    assert other.stderr.splitlines() == [
+        f"error: run {run_id} was started from r.yaml, not other.yaml",
+        f"hint: mle resume {run_id}",
+    ]
+    assert len(project.rows("SELECT id FROM runs")) == 1  # neither started anything
+
+    resumed = project.mle("run", "r.yaml", "--resume", run_id[:15])
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_converged(project, trail)
+
+
 def test_resume_of_a_finished_run_runs_nothing_again(project: Project) -> None:
     trail = _setup(project)
     project.mle("run", "r.yaml", check=True)

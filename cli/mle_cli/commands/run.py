@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mle_cli.commands._common import settings_from
+from mle_proto.errors import UsageError
 
 __all__ = ["register"]
 
@@ -51,7 +52,9 @@ def run(
     Example: mle run recipes/hello.yaml -p greeting=hi
     """
     if resume_run is not None:
-        resume(ctx, resume_run, json_out=json_out, live=live, no_cache=no_cache)
+        if param:
+            raise UsageError("-p does not apply with --resume: a run resumes with its own params")
+        _resume(ctx, resume_run, recipe, json_out=json_out, live=live, no_cache=no_cache)
         return
     from mle_cli.commands._drive import drive_run, report_outcome
     from mle_cli.recipe import compile_recipe, parse_overrides
@@ -75,11 +78,23 @@ def resume(
 
     Example: mle resume 20261122-153012-a3f9
     """
+    _resume(ctx, run_ref, None, json_out=json_out, live=live, no_cache=no_cache)
+
+
+def _resume(
+    ctx: typer.Context,
+    run_ref: str | None,
+    recipe: Path | None,
+    *,
+    json_out: bool,
+    live: bool | None,
+    no_cache: bool,
+) -> None:
     from mle_cli.commands._drive import drive_run, report_outcome
     from mle_cli.runs import load_resumable
 
     settings = settings_from(ctx)
-    plan, run_id = load_resumable(settings, run_ref)
+    plan, run_id = load_resumable(settings, run_ref, recipe)
     outcome = drive_run(plan, settings, live=live, resume=run_id, use_cache=not no_cache)
     report_outcome(outcome, settings, json_out=json_out)
 
