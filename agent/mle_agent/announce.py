@@ -93,16 +93,55 @@ async def announced(settings: AgentSettings, port: int) -> AsyncIterator[None]:
     if not should_announce(settings):
         yield
         return
-    from zeroconf.asyncio import AsyncZeroconf
-
     interfaces = interface_choice(settings.announce_interfaces)
-    zc = AsyncZeroconf(**_zeroconf_options(interfaces))
+    zc = _open_zeroconf(interfaces)
+    if zc is None:
+        yield
+        return
     info = _service_info(settings, port, interfaces)
     registering = asyncio.create_task(_register(zc, info))
     try:
         yield
     finally:
         await _withdraw(zc, info, registering)
+
+
+def _open_zeroconf(interfaces: list[str] | None) -> AsyncZeroconf | None:
+    """Zeroconf bound to the interfaces; None (and a warning) when it cannot be.
+
+    An address that is not (or no longer) on this host is a warning, not an exit: the agent is
+    already listening, and announcing is best effort, like every other mDNS failure here.
+    """
+    from zeroconf.asyncio import AsyncZeroconf
+
+    here = _host_ips() if interfaces else set()
+    missing = [a for a in interfaces or [] if _bare(a) not in here]
+    if missing:
+        log.warning(
+            "not announcing on mDNS: %s (announce_interfaces) is not an address of this host",
+            missing[0],
+        )
+        return None
+    try:
+        return AsyncZeroconf(**_zeroconf_options(interfaces))
+    except OSError as exc:
+        log.warning("not announcing on mDNS: cannot open its sockets: %s", exc.strerror or exc)
+        return None
+
+
+def _host_ips() -> set[str]:
+    """Every address of this host's interfaces, IPv4 and IPv6, without IPv6 scopes."""
+    import ifaddr
+
+    found = {
+        ip.ip if isinstance(ip.ip, str) else ip.ip[0] for a in ifaddr.get_adapters() for ip in a.ips
+    }
+    return {_bare(address) for address in found}
+
+
+def _bare(address: str) -> str:
+    """The address in canonical form, an IPv6 scope (`%eth0`) dropped."""
+    return str(ipaddress.ip_address(address.partition("%")[0]))
 
 
 def _zeroconf_options(interfaces: list[str] | None) -> dict[str, Any]:

@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = _enroll(settings, args)  # then serve with the certificate it brought
         check_listen_security(settings)
         check_http_settings(settings)
+        _make_dirs(settings)  # after the checks: a refused start leaves nothing behind
     except MleError as exc:
         return _fail(exc)
     _configure_logging(settings.log_level)
@@ -72,6 +73,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("internal error")
         return 1
+
+
+def _make_dirs(settings: AgentSettings) -> None:
+    """Create the data dir and artifact store root now, so a bad path is one line, not a
+    traceback from whichever part of the agent touches it first."""
+    _make_dir("data dir", settings.data_dir, 0o700)  # the mode TaskManager.open gives it
+    _make_dir("artifacts dir", settings.artifacts_root, 0o777)  # as ArtifactStore: the umask's
+
+
+def _make_dir(what: str, path: Path, mode: int) -> None:
+    """mkdir -p, or a UsageError naming the path and the OS's reason."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except FileExistsError:  # with exist_ok, only when something other than a directory is there
+        raise UsageError(f"{what} {path} is not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
 
 
 def _watch_children_by_pidfd() -> None:

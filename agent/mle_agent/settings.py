@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -24,6 +25,8 @@ __all__ = [
     "DEFAULT_CONFIG",
     "ENV_PREFIX",
     "HEARTBEAT_RANGE",
+    "MAX_MESSAGE_BYTES",
+    "MAX_SLOTS",
     "NAME",
     "AgentSettings",
     "build_settings",
@@ -42,6 +45,14 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9._/:@+-]{0,63}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # an agent (target) name
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 HEARTBEAT_RANGE = (0.05, 60.0)  # seconds: any interval asked for is clamped to this
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes its message size limits as a C int
+# AgentInfo.slots is a uint32, but far fewer tasks than that can run at once on one host; a
+# bound this low also catches a typo before it reaches the protocol.
+MAX_SLOTS = 4096
+# A duration of infinity means "wait forever". Only the drain may do that: an operator may want
+# running tasks to finish however long they take, and a second SIGTERM still hurries them. Every
+# other wait (a kill grace, a load check, a request waiting for a model) must end.
+_UNBOUNDED_DURATIONS = {"drain_timeout"}
 
 
 def _default_data_dir() -> Path:
@@ -201,9 +212,9 @@ def _coerce(key: str, value: Any) -> Any:
     """Turn a TOML, environment or flag value into the field's type."""
     try:
         if key in _PATHS:
-            return Path(os.path.expanduser(str(value))) if str(value) else None
+            return _coerce_path(key, value)
         if key in _FLOATS:
-            return _number(float, value)
+            return _duration(key, value)
         if key in _INTS:
             return _number(int, value)
         if key in ("insecure", "announce"):
@@ -213,13 +224,32 @@ def _coerce(key: str, value: Any) -> Any:
         if key == "log_level":
             return str(value).lower()
         return str(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # float() of a huge TOML integer
         raise UsageError(f"invalid {key}: {exc}") from None
+
+
+def _coerce_path(key: str, value: Any) -> Path | None:
+    """A path with `~` expanded; None when empty, except for the data dir, which is required."""
+    if str(value):
+        return Path(os.path.expanduser(str(value)))
+    if key == "data_dir":
+        raise ValueError("must not be empty")
+    return None
+
+
+def _duration(key: str, value: Any) -> float:
+    """Seconds: a non-negative number, finite unless the field may wait forever."""
+    number = float(_number(float, value))
+    if number == math.inf and key not in _UNBOUNDED_DURATIONS:
+        raise ValueError(f"expected a finite number of seconds, got {value!r}")
+    return number
 
 
 def _number(kind: type[int] | type[float], value: Any) -> int | float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
+    if kind is int and isinstance(value, float) and not math.isfinite(value):  # TOML inf, nan
+        raise ValueError(f"expected a whole number, got {value!r}")
     number = kind(value)
     if number != number or number < 0:  # NaN or negative
         raise ValueError(f"expected a non-negative number, got {value!r}")
@@ -273,19 +303,40 @@ def _validate(settings: AgentSettings) -> None:
         )
     if settings.slots < 1:
         raise UsageError("invalid slots: must be at least 1")
+    if settings.slots > MAX_SLOTS:
+        raise UsageError(f"invalid slots: must be at most {MAX_SLOTS}")
     if settings.log_level not in _LOG_LEVELS:
         choices = ", ".join(_LOG_LEVELS)
         raise UsageError(f"invalid log_level {settings.log_level!r}: one of {choices}")
     tls = (settings.tls_cert, settings.tls_key, settings.tls_ca)
     if any(tls) and not all(tls):
         raise UsageError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
-    if settings.max_message_bytes < 64 * 1024 or settings.max_log_line < 1:
-        raise UsageError("invalid message or log line size limit")
+    if not 64 * 1024 <= settings.max_message_bytes <= MAX_MESSAGE_BYTES:
+        raise UsageError(
+            f"invalid max_message_bytes: must be between {64 * 1024} and {MAX_MESSAGE_BYTES}"
+        )
+    if settings.max_log_line < 1:
+        raise UsageError("invalid max_log_line: must be at least 1")
+    _check_interfaces(settings.announce_interfaces)
     low, high = HEARTBEAT_RANGE
     if not low <= settings.heartbeat_interval <= high:
         raise UsageError(
             f"invalid heartbeat_interval: must be between {low:g} and {high:g} seconds"
         )
+
+
+def _check_interfaces(setting: str) -> None:
+    """`all`, or IP addresses, comma-separated (empty means all, as when it is not set)."""
+    if setting.strip() == "all":
+        return
+    for entry in filter(None, (part.strip() for part in setting.split(","))):
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            raise UsageError(
+                f"invalid announce_interfaces: {entry[:80]!r} is not an IP address; "
+                "give IPs, comma-separated, or all"
+            ) from None
 
 
 def check_listen_security(settings: AgentSettings) -> None:

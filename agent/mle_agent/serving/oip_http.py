@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -58,6 +59,8 @@ from mle_proto import __version__
 from mle_proto.errors import InvalidInput, MleError, UsageError
 
 if TYPE_CHECKING:
+    import ssl
+
     from mle_agent.serving.backend import TensorSpec
     from mle_agent.serving.registry import ModelMetadata, ModelRegistry
     from mle_agent.settings import AgentSettings
@@ -135,12 +138,21 @@ async def start_http(
     try:
         await server.bind(host, port, context)
     except OSError as exc:
-        if settings.http_listen is not None or not port:
+        derived = settings.http_listen is None and port
+        if not derived or exc.errno != errno.EADDRINUSE:  # another port cannot cure the rest
             raise MleError(f"cannot listen on {host}:{port} for HTTP: {_reason(exc)}") from None
         # The derived default (gRPC port + 1) is only a convention: take any free port instead.
         log.warning("HTTP port %d is taken (%s); using a free port", port, _reason(exc))
-        await server.bind(host, 0, context)
+        await _bind_any_port(server, host, context)
     return server
+
+
+async def _bind_any_port(server: HttpServer, host: str, context: ssl.SSLContext | None) -> None:
+    """Bind a free port on host, or say in one line why not."""
+    try:
+        await server.bind(host, 0, context)
+    except OSError as exc:
+        raise MleError(f"cannot listen on {host} for HTTP: {_reason(exc)}") from None
 
 
 class OipRoutes:
