@@ -278,6 +278,19 @@ def test_fixed_batch_model_is_calibrated_a_row_at_a_time(work: Path) -> None:
             "unlabelled.npz: evaluation data needs the labels in 'y'",
         ),
         (["digits_fp32.onnx", "--calibration", "calib.npy"], "used by --mode int8-static only"),
+        (
+            ["digits_fp32.onnx", "--mode", "int8-static", "--calibration", "empty.npy"],
+            "empty.npy: not a numpy .npy file (",
+        ),
+        (
+            ["digits_fp32.onnx", "--mode", "int8-static", "--calibration", "empty.npz"],
+            "empty.npz: cannot read calibration data (",
+        ),
+        (
+            ["digits_fp32.onnx", "--mode", "int8-static", "--calibration", "words.npy"],
+            "words.npy: the array for 'input' (<U1) cannot be float32: could not convert",
+        ),
+        (["digits_fp32.onnx", "--eval", "cut.npz"], "cut.npz: cannot read evaluation data ("),
         (["digits_fp32.onnx", "--out", "./digits_fp32.onnx"], "is the model itself"),
         (["digits_fp32.onnx", "--to", "tflite", "--mode", "bogus"], "invalid choice: 'bogus'"),
     ],
@@ -289,6 +302,11 @@ def test_bad_input_is_one_line_and_writes_nothing(
     x, _ = digits()
     np.save(work / "narrow.npy", x[:100, :32])
     np.savez(work / "unlabelled.npz", X=x)
+    (work / "empty.npy").touch()
+    (work / "empty.npz").touch()
+    np.save(work / "words.npy", np.full((4, 64), "a"))
+    np.savez(work / "whole.npz", X=x, y=x[:, 0])
+    (work / "cut.npz").write_bytes((work / "whole.npz").read_bytes()[:300])
     before = listing(work)
     proc = run_tool(work, *args)
     assert proc.returncode == 2, proc.stderr

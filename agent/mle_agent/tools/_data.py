@@ -8,6 +8,7 @@ Formats (numpy only, nothing pickled):
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,7 +49,7 @@ def load_calibration(path: Path, inputs: Sequence[TensorSpec]) -> dict[str, Arra
             raise InvalidInput(f"{path}: the model has {len(inputs)} inputs; give an .npz by name")
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise InvalidInput(f"{path}: not a numpy .npy file ({exc})") from None
         return _feed(path, {"X": array}, inputs)
     return _feed(path, _load_npz(path, "calibration"), inputs)
@@ -74,7 +75,7 @@ def _load_npz(path: Path, what: str) -> dict[str, Array]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # empty, truncated
         raise InvalidInput(f"{path}: cannot read {what} data ({exc})") from None
 
 
@@ -90,7 +91,13 @@ def _feed(
         if array is None:
             raise InvalidInput(f"{path}: no array for the model's input {spec.name!r}")
         _check_shape(path, spec, array.shape)
-        feed[spec.name] = array.astype(DATATYPES.get(spec.datatype, "float32"), copy=False)
+        datatype = DATATYPES.get(spec.datatype, "float32")
+        try:
+            feed[spec.name] = array.astype(datatype, copy=False)
+        except (TypeError, ValueError) as exc:  # strings, objects
+            raise InvalidInput(
+                f"{path}: the array for {spec.name!r} ({array.dtype}) cannot be {datatype}: {exc}"
+            ) from None
     return feed
 
 
