@@ -19,6 +19,7 @@ exit code the CLI uses. `to_status_code` / `from_rpc_error` translate at the gRP
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -162,4 +163,14 @@ def from_rpc_error(error: grpc.RpcError, *, agent: str = "") -> MleError:
     where = f"agent {agent}: " if agent else ""
     if code.name == "UNAVAILABLE":
         return AgentUnavailable(f"{where}unreachable ({details})")
+    if code.name == "RESOURCE_EXHAUSTED" and (sizes := _TOO_LARGE.search(details)):
+        size, limit = (int(n) / 1e6 for n in sizes.groups())
+        return ResourceExhausted(
+            f"{where}a message of {size:.1f} MB is over the {limit:.1f} MB limit; send less at "
+            "once (fewer rows), or raise the agent's max_message_bytes"
+        )
     return error_for_status(code.name)(f"{where}{details}")
+
+
+# gRPC's words when either side refuses a message over its size limit.
+_TOO_LARGE = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)")

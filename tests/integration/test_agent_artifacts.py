@@ -9,7 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
+from mle_proto.errors import ResourceExhausted, from_rpc_error
 from mle_proto.store import PendingArtifact
 from mle_proto.v1 import agent_pb2 as pb
 from tests.agent_helpers import (
@@ -207,5 +209,25 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_no_partial_file(
             assert error.details() == "the agent's disk is full"
             assert _store_files(agent) == []
             assert (await agent.agent.GetInfo(pb.GetInfoRequest())).name == "test-agent"
+
+    run(scenario())
+
+
+def test_a_message_over_the_agents_limit_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    settings = agent_settings(tmp_path)
+    big = pb.TaskSpec(task_id="r.s.1", shell="x" * (settings.max_message_bytes + MiB))
+
+    async def scenario() -> None:
+        async with running_agent(settings) as agent:
+            error = await _rpc_error(agent.agent.StartTask(big))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            translated = from_rpc_error(error, agent="pi-01")
+            assert isinstance(translated, ResourceExhausted)
+            size, limit = big.ByteSize() / 1e6, settings.max_message_bytes / 1e6
+            assert str(translated) == (
+                f"agent pi-01: a message of {size:.1f} MB is over the {limit:.1f} MB limit; send "
+                "less at once (fewer rows), or raise the agent's max_message_bytes"
+            )
+            assert await agent.health.Check(health_pb2.HealthCheckRequest())  # still serving
 
     run(scenario())
