@@ -393,14 +393,16 @@ class Scheduler:
             status = Status.FAILED
             bad = [s for s in self._steps.values() if s.status not in _OK | {Status.SKIPPED}]
             message = f"step {bad[0].step_id} {bad[0].status}" if bad else "steps were skipped"
-        finished = time.time()
+        # A run ends when its last step did: resuming a finished run keeps the time it ended.
+        ends = [s.finished for s in self._steps.values() if s.finished]
+        finished = max(ends) if ends else time.time()
         self._write(
             lambda led: led.update_run(
                 self.run_id, status=status, finished=finished, message=message
             )
         )
         await self._writer.flush()
-        return RunOutcome(self.run_id, status, dict(self._steps), finished - started)
+        return RunOutcome(self.run_id, status, dict(self._steps), time.time() - started)
 
     def _write(self, write: Callable[[Ledger], None]) -> None:
         self._writer.submit(write)

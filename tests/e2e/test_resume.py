@@ -144,9 +144,14 @@ def test_run_with_resume_continues_that_run_and_refuses_what_it_would_ignore(
 def test_resume_of_a_finished_run_runs_nothing_again(project: Project) -> None:
     trail = _setup(project)
     project.mle("run", "r.yaml", check=True)
+    [before] = project.rows("SELECT started, finished FROM runs")
+    last_step = max(r["finished"] for r in project.rows("SELECT finished FROM steps"))
+    assert before["finished"] == last_step  # a run ends when its last step did
     again = project.mle("resume")
     assert again.returncode == 0, again.stderr
     _assert_converged(project, trail)
+    [after] = project.rows("SELECT started, finished FROM runs")
+    assert after == before  # its history is unchanged: it started and ended when it did
 
 
 def test_only_one_process_drives_a_run(project: Project) -> None:
