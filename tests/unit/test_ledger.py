@@ -58,6 +58,19 @@ def test_a_ledger_from_a_newer_mle_is_refused(tmp_path: Path) -> None:
         Ledger(tmp_path / "l.db")
 
 
+def test_a_ledger_with_a_table_dropped_is_called_damaged(tmp_path: Path) -> None:
+    Ledger(tmp_path / "l.db").close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    conn.execute("DROP TABLE events")
+    conn.close()
+    with pytest.raises(FailedPrecondition) as caught:
+        Ledger(tmp_path / "l.db")
+    assert str(caught.value) == (
+        "the ledger is damaged: its events table is missing; move the ledger away to start a "
+        "new one (its runs stay in the moved file)"
+    )
+
+
 def test_a_file_that_is_not_a_ledger_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "l.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(LedgerError, match=r"cannot open the ledger .*l\.db"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 __all__ = ["migrate"]
@@ -184,6 +185,7 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
+_TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", "".join(_MIGRATIONS)))
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -193,6 +195,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     try to create it.
     """
     if _version(conn) == SCHEMA_VERSION:
+        _check_tables(conn)
         return SCHEMA_VERSION
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -214,6 +217,20 @@ def migrate(conn: sqlite3.Connection) -> int:
         conn.execute("ROLLBACK")
         raise
     return SCHEMA_VERSION
+
+
+def _check_tables(conn: sqlite3.Connection) -> None:
+    """A ledger at the current version with a table gone (dropped by hand) is damaged: say so
+    once here, not as "no such table" from whichever command reads it first."""
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    missing = sorted(_TABLES - {name for (name,) in rows})
+    if missing:
+        from mle_proto.errors import FailedPrecondition
+
+        raise FailedPrecondition(
+            f"the ledger is damaged: its {missing[0]} table is missing; move the ledger away "
+            "to start a new one (its runs stay in the moved file)"
+        )
 
 
 def _version(conn: sqlite3.Connection) -> int:
