@@ -90,6 +90,8 @@ def _make_dir(what: str, path: Path, mode: int) -> None:
         raise UsageError(f"{what} {path} is not a directory") from None
     except OSError as exc:
         raise UsageError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):  # one there already, not ours (e.g. root's)
+        raise UsageError(f"cannot write to {what} {path}: permission denied")
 
 
 def _watch_children_by_pidfd() -> None:

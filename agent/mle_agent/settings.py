@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mle_proto import MAX_SLOTS
 from mle_proto.errors import UsageError
 
 __all__ = [
@@ -46,9 +47,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # an agent (target) name
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 HEARTBEAT_RANGE = (0.05, 60.0)  # seconds: any interval asked for is clamped to this
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes its message size limits as a C int
-# AgentInfo.slots is a uint32, but far fewer tasks than that can run at once on one host; a
-# bound this low also catches a typo before it reaches the protocol.
-MAX_SLOTS = 4096
 # A duration of infinity means "wait forever". Only the drain may do that: an operator may want
 # running tasks to finish however long they take, and a second SIGTERM still hurries them. Every
 # other wait (a kill grace, a load check, a request waiting for a model) must end.

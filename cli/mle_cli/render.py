@@ -29,6 +29,7 @@ __all__ = [
     "PlainProgress",
     "ago",
     "duration",
+    "one_line",
     "print_error",
     "print_json",
     "print_log_line",
@@ -64,6 +65,12 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def one_line(text: str) -> str:
+    """A message made safe for a terminal and kept to its line: a newline in it (an approval's
+    reason, an agent's error) shown as \\n, so it cannot pass for a line of its own."""
+    return printable(text).replace("\n", "\\n")
+
+
 def print_log_line(row: Mapping[str, Any], *, json_out: bool, prefix: bool) -> None:
     """One log line of `mle logs`: raw JSON, or printable text with its step as prefix."""
     if json_out:
@@ -94,9 +101,9 @@ def print_error(message: str, hint: str = "") -> None:
     from rich.markup import escape
 
     console = stderr_console()
-    console.print(f"[bold red]error:[/] {escape(printable(message))}")
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}")
     if hint:
-        console.print(f"[dim]hint: {escape(printable(hint))}[/]")
+        console.print(f"[dim]hint: {escape(one_line(hint))}[/]")
 
 
 def print_json(data: Any) -> None:
@@ -187,7 +194,7 @@ def _cell(column: str, value: Any) -> str:
         return "-"
     if column == "status":
         return styled_status(str(value))
-    return escape(printable(str(value)))
+    return escape(one_line(str(value)))
 
 
 class PlainProgress:
@@ -198,7 +205,7 @@ class PlainProgress:
 
     def step_changed(self, step_id: str, status: Status, detail: str) -> None:
         """Print the new status."""
-        suffix = f" ({detail})" if detail else ""
+        suffix = f" ({one_line(detail)})" if detail else ""
         self._line(f"{step_id}: {status}{suffix}")
 
     def step_log(self, step_id: str, stream: str, text: str) -> None:
@@ -351,10 +358,10 @@ def print_run(run: Mapping[str, Any]) -> None:
         f"started {ago(run['started'])}"
     )
     if run.get("message"):
-        console.print(f"  {escape(printable(run['message']))}")
+        console.print(f"  {escape(one_line(run['message']))}")
     if run["params"]:
         params = ", ".join(f"{k}={v}" for k, v in run["params"].items())
-        console.print("  params: " + escape(printable(params)))
+        console.print("  params: " + escape(one_line(params)))
     rows = [
         {
             "step": s["step_id"],
@@ -391,7 +398,7 @@ def _print_failures(console: Console, failed: Sequence[Mapping[str, Any]]) -> No
         where = f" on {escape(step['agent'])}" if step["agent"] else ""
         console.print(
             f"  [red]{escape(step['step_id'])} {escape(step['status'])}[/]{exit_code}{where}: "
-            f"{escape(printable(step['message'] or ''))}"
+            f"{escape(one_line(step['message'] or ''))}"
         )
         if step["last_lines"]:
             console.print(f"    last lines of attempt {step['attempt']}:")
@@ -411,7 +418,7 @@ def _print_attempts(console: Console, steps: Sequence[Mapping[str, Any]]) -> Non
             console.print(
                 f"    #{a['attempt']} on {escape(a['agent'])}: {styled_status(a['status'])} "
                 f"exit={'-' if a['exit_code'] is None else a['exit_code']} "
-                f"{duration(a['duration'])}  {escape(printable(a['message'] or ''))}".rstrip()
+                f"{duration(a['duration'])}  {escape(one_line(a['message'] or ''))}".rstrip()
             )
 
 

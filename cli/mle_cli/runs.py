@@ -99,7 +99,9 @@ def load_resumable(
     if not run["plan"]:
         raise FailedPrecondition(f"run {run_id} was recorded without its plan; it cannot resume")
     plan = plan_from_json(run["plan"])
-    if recipe is not None and _other_files(recipe, plan.source):
+    # The run recorded its recipe as given, relative to where it started: the project, mostly.
+    source = settings.project_dir / plan.source  # an absolute source stays itself
+    if recipe is not None and _other_files(recipe, source):
         raise UsageError(
             f"run {run_id} was started from {plan.source}, not {recipe}",
             hint=f"mle resume {run_id}",

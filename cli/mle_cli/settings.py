@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mle_proto import MAX_SLOTS
 from mle_proto.errors import UsageError
 
 __all__ = ["Settings", "find_project_dir", "load_settings"]
@@ -101,10 +102,14 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read config: {e}") from None
 
 
-# Seconds may be 0 only where 0 means "not at all" (browse no mDNS); elsewhere 0, a negative or a
-# non-finite duration would fail every call, declare every agent lost, or never end.
-_ZERO_SECONDS_OK = {"mdns_browse_seconds"}
-_MAX_COUNT = 2**31 - 1  # slots travel as int32; ledger rows kept have no use beyond
+# Seconds may be 0 where 0 means "not at all" (browse no mDNS, follow no heartbeats) and infinite
+# where it means "never" (show an agent gone, forget it). Elsewhere 0 or a negative would fail every
+# call or declare every agent lost, and more than _MAX_SECONDS is no wait at all to gRPC (a
+# deadline that far away expires at once) or never ends.
+_ZERO_SECONDS_OK = {"mdns_browse_seconds", "heartbeat_interval"}
+_NEVER_OK = {"agent_gone_after", "agent_forget_after"}
+_MAX_SECONDS = 10**8  # three years
+_MAX_COUNT = 2**31 - 1  # ledger rows kept: no use beyond
 
 
 def _coerce(name: str, type_name: object, value: Any) -> Any:
@@ -114,12 +119,17 @@ def _coerce(name: str, type_name: object, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         raise UsageError(f"setting {name}: expected {kind.__name__}, got {value!r}") from None
     if kind is float and not _seconds_ok(name, coerced):
-        least = "0 or more" if name in _ZERO_SECONDS_OK else "more than 0"
-        raise UsageError(f"setting {name}: expected seconds, {least}, got {value!r}")
-    if kind is int and not 0 <= coerced <= _MAX_COUNT:
-        raise UsageError(f"setting {name}: expected 0 to {_MAX_COUNT}, got {value!r}")
+        least = "0" if name in _ZERO_SECONDS_OK else "more than 0"
+        most = "inf" if name in _NEVER_OK else str(_MAX_SECONDS)
+        raise UsageError(f"setting {name}: expected seconds from {least} to {most}, got {value!r}")
+    count_max = MAX_SLOTS if name == "local_agent_slots" else _MAX_COUNT
+    if kind is int and not 0 <= coerced <= count_max:
+        raise UsageError(f"setting {name}: expected 0 to {count_max}, got {value!r}")
     return coerced
 
 
 def _seconds_ok(name: str, seconds: float) -> bool:
-    return math.isfinite(seconds) and (seconds > 0 or (seconds == 0 and name in _ZERO_SECONDS_OK))
+    if seconds == math.inf:
+        return name in _NEVER_OK
+    least_ok = seconds > 0 or (seconds == 0 and name in _ZERO_SECONDS_OK)
+    return least_ok and seconds <= _MAX_SECONDS  # NaN fails both comparisons

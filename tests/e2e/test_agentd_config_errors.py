@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -71,6 +72,13 @@ def test_a_data_or_artifacts_dir_that_cannot_be_made_is_one_line(
     (tmp_path / "f").write_text("x\n")
     _refused(_run(tmp_path, *LISTEN, *args), message)
     assert (tmp_path / "f").read_text() == "x\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any directory")
+def test_a_data_dir_that_is_not_writable_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "theirs").mkdir(mode=0o555)
+    done = _run(tmp_path, *LISTEN, "--data-dir", "theirs")
+    _refused(done, "cannot write to data dir theirs: permission denied")
 
 
 def test_an_empty_data_dir_is_one_line(tmp_path: Path) -> None:

@@ -134,13 +134,13 @@ def test_a_rejected_gate_fails_the_run_with_who_and_why(project: Project) -> Non
     project.wait_until("SELECT 1 FROM steps WHERE step_id = 'gate' AND status = 'waiting'")
     run_id = project.rows("SELECT id FROM runs")[0]["id"]
     # The reason is recorded as given, and shown with its terminal escapes made visible.
-    reason = "too slow\x1b]0;owned\x07\x1b[2J"
+    reason = "too slow\x1b]0;owned\x07\x1b[2J\nerror: forged"
     rejected = project.mle("approve", run_id, "gate", "--reject", "--reason", reason)
     assert rejected.returncode == 0, rejected.stderr
     code, _, stderr = project.finish(runner)
     assert code == 10
     assert f"error: run {run_id} failed: step gate failed on local: rejected by " in stderr
-    shown = "too slow\\x1b]0;owned\\x07\\x1b[2J"
+    shown = "too slow\\x1b]0;owned\\x07\\x1b[2J\\nerror: forged"
     assert stderr.rstrip().splitlines()[-2].endswith(f": {shown}")
     [gate] = project.rows("SELECT status, message FROM steps WHERE step_id = 'gate'")
     assert gate["status"] == "failed"
@@ -148,6 +148,9 @@ def test_a_rejected_gate_fails_the_run_with_who_and_why(project: Project) -> Non
     assert _steps(project)["ship"] == "skipped"
     show = project.mle("show", run_id, check=True).stdout
     assert "\x1b" not in show and "owned" in show
+    assert not any(
+        line.startswith("error: forged") for line in stderr.splitlines() + show.splitlines()
+    )
 
 
 def test_a_gate_outlives_the_cli_approve_then_resume(project: Project) -> None:

@@ -185,6 +185,7 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
+# Every table a current ledger has. A migration that drops or renames one must change this.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", "".join(_MIGRATIONS)))
 
 

@@ -102,20 +102,22 @@ def default_name(path: Path) -> str:
 
 
 def deploy_model(settings: Settings, options: DeployOptions) -> DeployOutcome:
-    """Deploy a model file, or change the route of a deployed model; record it in the ledger."""
+    """Deploy a model file, or change the route of a deployed model; record it in the ledger.
+
+    The target is resolved outside the event loop: a name found by mDNS browses with zeroconf's
+    own threads, which refuse to close from inside a running loop (a warning on stderr)."""
     path = Path(options.model)
     if path.is_file():
         _check_file_options(options)
         name = check_model_name(options.name or default_name(path), given=bool(options.name))
-        options = replace(options, name=name)
+        store = ArtifactStore(settings.artifacts_dir)
+        model = _stored_model(settings, store, path)  # a file that cannot be read: before a target
+        endpoint = resolve_target(options.target, settings)
+        deploying = _deploy_file(settings, replace(options, name=name), store, model, endpoint)
+        outcome, record = asyncio.run(deploying)
     else:
         _check_route_options(options)
-    # Resolved outside the event loop: a name found by mDNS browses with zeroconf's own threads,
-    # which refuse to close from inside a running loop (a warning on stderr).
-    endpoint = resolve_target(options.target, settings)
-    if path.is_file():
-        outcome, record = asyncio.run(_deploy_file(settings, options, path, endpoint))
-    else:
+        endpoint = resolve_target(options.target, settings)
         outcome, record = asyncio.run(_change_route(settings, options, endpoint))
     ledger = Ledger(settings.ledger_path)
     try:
@@ -144,16 +146,23 @@ def _check_route_options(options: DeployOptions) -> None:
         raise UsageError("--rollback goes alone: it returns to the route before the current one")
 
 
-async def _deploy_file(
-    settings: Settings, options: DeployOptions, path: Path, endpoint: Endpoint
-) -> tuple[DeployOutcome, DeploymentRecord]:
-    store = ArtifactStore(settings.artifacts_dir)
+def _stored_model(settings: Settings, store: ArtifactStore, path: Path) -> ModelFile:
+    """The file in the project's store, with the run and step that made it when known."""
     try:
         digest, size = store.put_file(path)
     except OSError as e:
         raise InvalidInput(f"cannot read {path}: {e.strerror or e}") from None
     source_run, source_step = _lineage(settings, digest)
-    model = ModelFile(digest, size, path.name, source_run, source_step)
+    return ModelFile(digest, size, path.name, source_run, source_step)
+
+
+async def _deploy_file(
+    settings: Settings,
+    options: DeployOptions,
+    store: ArtifactStore,
+    model: ModelFile,
+    endpoint: Endpoint,
+) -> tuple[DeployOutcome, DeploymentRecord]:
     async with open_client(endpoint, settings.rpc_timeout) as client:
         return await deploy_file(client, endpoint, settings, store, model, options)
 
