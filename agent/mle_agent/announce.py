@@ -131,12 +131,18 @@ def _open_zeroconf(interfaces: list[str] | None) -> AsyncZeroconf | None:
 
 def _host_ips() -> set[str]:
     """Every address of this host's interfaces, IPv4 and IPv6, without IPv6 scopes."""
+    return {_bare(address) for address in _interface_ips()}
+
+
+def _interface_ips() -> list[str]:
+    """The addresses of this host's interfaces as ifaddr lists them (IPv6 ones from its tuple)."""
     import ifaddr
 
-    found = {
-        ip.ip if isinstance(ip.ip, str) else ip.ip[0] for a in ifaddr.get_adapters() for ip in a.ips
-    }
-    return {_bare(address) for address in found}
+    return [
+        ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+    ]
 
 
 def _bare(address: str) -> str:
@@ -212,14 +218,7 @@ def _addresses(settings: AgentSettings, interfaces: list[str] | None) -> list[st
 
 def _host_addresses() -> list[str]:
     """IPv4 addresses of this host's interfaces, loopback last (only when there is nothing else)."""
-    import ifaddr
-
-    found = [
-        str(ip.ip)
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-        if ip.is_IPv4 and isinstance(ip.ip, str)
-    ]
+    found = [a for a in _interface_ips() if ipaddress.ip_address(_bare(a)).version == 4]
     outside = [a for a in found if not ipaddress.ip_address(a).is_loopback]
     return outside or found or ["127.0.0.1"]
 

@@ -172,5 +172,6 @@ def from_rpc_error(error: grpc.RpcError, *, agent: str = "") -> MleError:
     return error_for_status(code.name)(f"{where}{details}")
 
 
-# gRPC's words when either side refuses a message over its size limit.
-_TOO_LARGE = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)")
+# gRPC's words when the agent (the server) refuses a request over its size limit; a limit on
+# this side would need other advice, so those keep gRPC's words.
+_TOO_LARGE = re.compile(r"SERVER: Received message larger than max \((\d+) vs\. (\d+)\)")
